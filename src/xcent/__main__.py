@@ -1,0 +1,5 @@
+"""`python -m xcent ...` is the same as the `xcent` command."""
+
+from .cli import entry
+
+entry()
