@@ -1,0 +1,142 @@
+"""The linear classifier's step and evaluation, touching only what they need.
+
+* :func:`in_batch_logits` gathers the rows of the batch's distinct labels ``U`` from
+  the (C, D) weight and builds the (B, K) relative logits
+  ``z_ij = (w_{U_j} - w_{y_i}) . x_i`` with ``-inf`` at each row's own class.
+* :func:`sparse_sgd_step` turns the algorithm's gradient weights ``G = dL/dz`` into
+  the gradient of the K touched rows and applies plain SGD to them only:
+
+      grad w_{U_j} = sum_i G_ij x_i  -  sum_{i: y_i = U_j} (sum_k G_ik) x_i
+                   = (M^T X)_j,   M = G with M[i, pos(y_i)] = -sum_k G_ik,
+
+  one (K, B) x (B, D) matmul; rows outside ``U`` are neither read nor written, so
+  the update equals dense SGD over all C rows exactly (their gradient is zero).
+* :func:`full_softmax_stats` evaluates the real objective, the softmax CE over all C
+  classes, and the rank of the true class, in (rows x classes) chunks of bounded
+  memory; never an N x C matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["InBatch", "in_batch_logits", "class_row_gradient", "sparse_sgd_step", "full_softmax_stats",
+           "init_weight"]
+
+
+@dataclass
+class InBatch:
+    """One minibatch in the classifier's terms.
+
+    ``logits`` (B, K) relative logits with ``-inf`` at the own class; ``classes`` (K,)
+    sorted distinct labels; ``label_pos`` (B,) position of each row's label in
+    ``classes``; ``class_weight`` (K, D) the gathered rows; ``features`` (B, D) in the
+    weight's dtype."""
+
+    logits: Tensor
+    classes: Tensor
+    label_pos: Tensor
+    class_weight: Tensor
+    features: Tensor
+
+    @property
+    def num_distinct(self) -> int:
+        return int(self.classes.shape[0])
+
+
+def init_weight(num_classes: int, feature_dim: int, seed: int, device="cpu", dtype=torch.float32) -> Tensor:
+    """``W ~ N(0, 0.01^2)``, (num_classes, feature_dim), reproducible from ``seed``
+    (generated on the CPU, so a seed gives the same weight on every device)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    weight = torch.empty(num_classes, feature_dim, dtype=dtype)
+    weight.normal_(0.0, 0.01, generator=gen)
+    return weight.to(device)
+
+
+def in_batch_logits(features: Tensor, labels: Tensor, weight: Tensor) -> InBatch:
+    """Relative in-batch logits of a minibatch (see the module docstring).
+
+    ``features`` (B, D) of any float dtype (cast to the weight's), ``labels`` (B,)
+    integer, ``weight`` (C, D). Reads only the K rows of the distinct labels."""
+    x = features.to(device=weight.device, dtype=weight.dtype)
+    classes, label_pos = torch.unique(labels.to(weight.device), sorted=True, return_inverse=True)
+    class_weight = weight.index_select(0, classes)
+    scores = x @ class_weight.T
+    rows = torch.arange(x.shape[0], device=x.device)
+    positive = scores[rows, label_pos]
+    logits = scores - positive[:, None]
+    logits[rows, label_pos] = float("-inf")
+    return InBatch(logits, classes, label_pos, class_weight, x)
+
+
+def class_row_gradient(batch: InBatch, grad_logits: Tensor) -> Tensor:
+    """Gradient of the loss w.r.t. the K touched rows, ``(K, D)`` (see module doc)."""
+    rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)
+    M = grad_logits.clone()
+    # G is zero at the own class, so the subtraction sets exactly -rowsum there.
+    M[rows, batch.label_pos] -= grad_logits.sum(dim=1)
+    return M.T @ batch.features
+
+
+def sparse_sgd_step(weight: Tensor, batch: InBatch, grad_logits: Tensor, lr: float) -> Tensor:
+    """``W[U] <- W[U] - lr * grad W[U]`` in place; returns the new (K, D) rows.
+
+    Plain SGD (no momentum or weight decay), so leaving the other C - K rows alone is
+    exact. The new rows are returned so that a caller can check them for
+    divergence without reading W again."""
+    new_rows = batch.class_weight - lr * class_row_gradient(batch, grad_logits.to(batch.features.dtype))
+    weight.index_copy_(0, batch.classes, new_rows)
+    return new_rows
+
+
+def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+@torch.no_grad()
+def full_softmax_stats(features: Tensor, labels: Tensor, weight: Tensor, class_chunk: int = 32768,
+                       class_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row full-softmax statistics over the classes of ``weight``.
+
+    Returns ``(lse, target, rank)``, each (n,): ``lse_i = logsumexp_c w_c . x_i``,
+    ``target_i = w_{y_i} . x_i`` (0 where the label is not among this weight's
+    classes, i.e. outside ``[class_offset, class_offset + C)``), and
+    ``rank_i = #{c != y_i : w_c . x_i > target_i}`` (counted against ``target``,
+    which must be final: pass ``target`` separately via
+    :func:`full_softmax_stats_with_target` when classes are sharded).
+    CE = lse - target; top-k correct iff rank < k (ties count in the model's
+    favour). Memory: one (n, class_chunk) block at a time.
+    """
+    x = features.to(device=weight.device, dtype=weight.dtype)
+    y = labels.to(device=weight.device, dtype=torch.long) - class_offset
+    num_classes = weight.shape[0]
+    owned = (y >= 0) & (y < num_classes)
+    target = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    if owned.any():
+        target[owned] = (x[owned] * weight.index_select(0, y[owned])).sum(dim=1)
+    lse, rank = full_softmax_stats_with_target(x, y, weight, target, class_chunk)
+    return lse, target, rank
+
+
+@torch.no_grad()
+def full_softmax_stats_with_target(x: Tensor, y: Tensor, weight: Tensor, target: Tensor,
+                                   class_chunk: int = 32768) -> tuple[Tensor, Tensor]:
+    """``(lse, rank)`` over this weight's classes given the final ``target`` logits;
+    ``y`` is local (own class excluded from the rank where ``0 <= y < C``)."""
+    n, num_classes = x.shape[0], weight.shape[0]
+    lse = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
+    rank = torch.zeros(n, dtype=torch.long, device=x.device)
+    rows = torch.arange(n, device=x.device)
+    for start, stop in _chunks(num_classes, class_chunk):
+        scores = x @ weight[start:stop].T
+        lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
+        inside = (y >= start) & (y < stop)
+        if inside.any():
+            scores[rows[inside], y[inside] - start] = float("-inf")
+        rank += (scores > target[:, None]).sum(dim=1)
+    return lse, rank

@@ -1,0 +1,52 @@
+"""One training step: in-batch logits -> dual update and G -> sparse SGD row update.
+
+This is the whole per-step computation of ``xcent train``; the trainer only adds
+data loading, schedules and bookkeeping around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .classifier import in_batch_logits, sparse_sgd_step
+
+__all__ = ["StepResult", "train_step"]
+
+
+@dataclass
+class StepResult:
+    """``skipped``: the batch had one distinct label (no negatives), nothing changed.
+    ``loss``: the surrogate's value (a 0-dim tensor, not synchronised; NaN when
+    skipped). ``finite``: loss and updated rows are finite (only checked when asked)."""
+
+    skipped: bool
+    loss: Tensor
+    finite: bool = True
+    num_distinct: int = 0
+
+
+@torch.no_grad()
+def train_step(weight: Tensor, loss_fn: nn.Module, features: Tensor, labels: Tensor, index: Tensor,
+               lr: float, check_finite: bool = True) -> StepResult:
+    """Apply one step of ``loss_fn``'s algorithm to ``weight`` in place.
+
+    ``features`` (B, D), ``labels`` (B,), ``index`` (B,) global training-row ids (the
+    rows whose duals are updated). Only the K rows of the batch's distinct labels
+    of ``weight`` are read and written; ``loss_fn`` updates ``nu`` of ``index``.
+    A batch with K == 1 has no negatives and is skipped (``skipped=True``), nothing
+    changes. With ``check_finite`` the step also reports (one device sync) whether
+    the surrogate and the new rows are finite, so the caller can stop before a
+    NaN spreads."""
+    batch = in_batch_logits(features, labels, weight)
+    if batch.num_distinct < 2:
+        return StepResult(True, torch.tensor(float("nan")), True, batch.num_distinct)
+    grad_logits = loss_fn.weights(batch.logits, index.to(weight.device))
+    new_rows = sparse_sgd_step(weight, batch, grad_logits, lr)
+    loss = loss_fn._value
+    finite = True
+    if check_finite:
+        finite = bool(torch.isfinite(loss) & torch.isfinite(new_rows).all())
+    return StepResult(False, loss, finite, batch.num_distinct)
