@@ -1,0 +1,284 @@
+"""Feature splits on disk: memory-mapped loading, validation, batch gathering, synthetic data.
+
+Layout (the seed's): ``DATA_DIR/{train,val,test}/features.{pt,npy}`` holding an
+(N, D) float tensor (float32, float16, or bfloat16 in ``.pt``) and
+``labels.{pt,npy}`` holding an (N,) integer tensor; optional ``DATA_DIR/classes.txt``
+(one class name per line). Features are memory-mapped (``np.load(mmap_mode="r")``,
+``torch.load(mmap=True)``), so a split larger than RAM trains; labels (8 bytes a
+row) are read into memory. Batches are gathered with one fancy-index per batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import UsageError
+
+SPLITS = ("train", "val", "test")
+_CHECK_CHUNK_ROWS = 1 << 16
+
+
+@dataclass
+class Split:
+    """One split: memory-mapped features, in-memory int64 labels."""
+
+    name: str
+    directory: Path
+    features: object  # np.memmap / np.ndarray or a (possibly mmap'd) torch.Tensor
+    labels: Tensor
+    feature_files: list[Path] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def gather(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Features (B, D) in their stored dtype and labels (B,) of the rows ``index``."""
+        if isinstance(self.features, torch.Tensor):
+            feats = self.features.index_select(0, index)
+        else:
+            feats = torch.from_numpy(np.ascontiguousarray(self.features[index.numpy()]))
+        return feats, self.labels.index_select(0, index)
+
+    def chunks(self, rows: Tensor | None = None, chunk_rows: int = 8192) -> Iterator[tuple[Tensor, Tensor]]:
+        """(features, labels) in chunks of consecutive rows (or of ``rows``, sorted)."""
+        if rows is None:
+            for start in range(0, self.num_samples, chunk_rows):
+                stop = min(start + chunk_rows, self.num_samples)
+                feats = self.features[start:stop]
+                if not isinstance(feats, torch.Tensor):
+                    feats = torch.from_numpy(np.array(feats))  # copy: a memmap slice is read-only
+                yield feats, self.labels[start:stop]
+        else:
+            for start in range(0, len(rows), chunk_rows):
+                yield self.gather(rows[start:start + chunk_rows])
+
+
+@dataclass
+class Dataset:
+    splits: dict[str, Split]
+    num_classes: int
+    feature_dim: int
+    class_names: list[str] | None = None
+
+    @property
+    def train(self) -> Split:
+        return self.splits["train"]
+
+
+def _find(directory: Path, stem: str) -> Path | None:
+    for ext in (".npy", ".pt"):
+        p = directory / f"{stem}{ext}"
+        if p.exists():
+            return p
+    return None
+
+
+def _load_array(path: Path):
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        obj = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as exc:  # corrupt file, wrong format
+        raise UsageError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+    if not isinstance(obj, torch.Tensor):
+        raise UsageError(f"{path}: expected a tensor saved with torch.save, found {type(obj).__name__}")
+    return obj
+
+
+def _labels_tensor(raw, path: Path) -> Tensor:
+    dtype = raw.dtype
+    is_int = (dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+              if isinstance(raw, torch.Tensor) else np.issubdtype(dtype, np.integer))
+    if not is_int:
+        raise UsageError(f"{path}: labels must be integers, found dtype {dtype}")
+    if raw.ndim != 1:
+        raise UsageError(f"{path}: labels must be a 1-d array, found shape {tuple(raw.shape)}")
+    if isinstance(raw, torch.Tensor):
+        return raw.to(torch.int64).clone()
+    return torch.from_numpy(np.asarray(raw, dtype=np.int64).copy())
+
+
+_FLOAT_DTYPES_NP = (np.float16, np.float32, np.float64)
+_FLOAT_DTYPES_T = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def load_split(data_dir: Path, name: str, check_features: bool = True) -> Split:
+    """Load and validate one split (shapes, dtypes, finite features)."""
+    directory = Path(data_dir) / name
+    if not directory.is_dir():
+        raise UsageError(f"--data-dir {data_dir}: split directory {directory} is missing")
+    fpath, lpath = _find(directory, "features"), _find(directory, "labels")
+    if fpath is None:
+        raise UsageError(f"{directory}: no features.npy or features.pt")
+    if lpath is None:
+        raise UsageError(f"{directory}: no labels.npy or labels.pt")
+    features = _load_array(fpath)
+    labels = _labels_tensor(_load_array(lpath), lpath)
+    if features.ndim != 2:
+        raise UsageError(f"{fpath}: features must be (N, D), found shape {tuple(features.shape)}")
+    ok_dtype = (features.dtype in _FLOAT_DTYPES_T if isinstance(features, torch.Tensor)
+                else features.dtype.type in _FLOAT_DTYPES_NP)
+    if not ok_dtype:
+        raise UsageError(f"{fpath}: features must be float16/bfloat16/float32/float64, found {features.dtype}")
+    if features.shape[0] != labels.shape[0]:
+        raise UsageError(f"{fpath}: {features.shape[0]} feature rows but {lpath.name} has {labels.shape[0]} labels")
+    if labels.shape[0] == 0:
+        raise UsageError(f"{directory}: the {name} split is empty")
+    split = Split(name, directory, features, labels, [fpath, lpath])
+    if check_features:
+        for start in range(0, split.num_samples, _CHECK_CHUNK_ROWS):
+            chunk = features[start:start + _CHECK_CHUNK_ROWS]
+            bad = (~torch.isfinite(chunk)) if isinstance(chunk, torch.Tensor) else ~np.isfinite(chunk)
+            if bad.any():
+                row = start + int(np.argwhere(np.asarray(bad.any(1)))[0, 0])
+                raise UsageError(f"{fpath}: non-finite (NaN/Inf) feature value in row {row}")
+    return split
+
+
+def load_dataset(data_dir, splits=SPLITS, num_classes: int | None = None, feature_dim: int | None = None,
+                 data_size: int | None = None, required=("train", "val"), check_features: bool = True) -> Dataset:
+    """Load the splits of ``data_dir`` that exist (those in ``required`` must), validate
+    them against each other and against the given sizes (None = infer)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir}: no such directory")
+    loaded: dict[str, Split] = {}
+    for name in splits:
+        if name not in required and not (data_dir / name).is_dir():
+            continue
+        loaded[name] = load_split(data_dir, name, check_features)
+    dims = {s.feature_dim for s in loaded.values()}
+    if len(dims) > 1:
+        detail = ", ".join(f"{s.name}: {s.feature_dim}" for s in loaded.values())
+        raise UsageError(f"--data-dir {data_dir}: feature dimension differs between splits ({detail})")
+    dim = dims.pop()
+    if feature_dim is not None and feature_dim != dim:
+        raise UsageError(f"--feature-dim {feature_dim} does not match the data ({dim})")
+    low = min(int(s.labels.min()) for s in loaded.values())
+    if low < 0:
+        bad = next(s for s in loaded.values() if int(s.labels.min()) < 0)
+        raise UsageError(f"{bad.feature_files[1]}: negative label {int(bad.labels.min())}")
+    needed = max(int(s.labels.max()) for s in loaded.values()) + 1
+    if num_classes is None:
+        num_classes = needed
+    elif num_classes < needed:
+        bad = max(loaded.values(), key=lambda s: int(s.labels.max()))
+        raise UsageError(f"{bad.feature_files[1]}: label {needed - 1} is out of range for --num-classes {num_classes}")
+    if data_size is not None and data_size != loaded["train"].num_samples:
+        raise UsageError(f"--data-size {data_size} does not match the train split ({loaded['train'].num_samples} rows)")
+    names = None
+    classes_file = data_dir / "classes.txt"
+    if classes_file.exists():
+        names = classes_file.read_text().splitlines()
+    return Dataset(loaded, int(num_classes), dim, names)
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def write_split(directory, features, labels, fmt: str = "npy") -> None:
+    """Write one split in the seed layout (``npy`` or ``pt``), each file atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stem, value in (("features", features), ("labels", labels)):
+        final = directory / f"{stem}.{fmt}"
+        tmp = directory / f".{stem}.tmp.{fmt}"
+        if fmt == "npy":
+            np.save(tmp, value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value))
+        elif fmt == "pt":
+            torch.save(torch.as_tensor(value), tmp)
+        else:
+            raise UsageError(f"--format {fmt}: expected npy or pt")
+        os.replace(tmp, final)
+
+
+def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samples: int = 50_000,
+               val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0, noise: float = 0.5,
+               tail_exponent: float = 0.8, normalize: bool = True, dtype: str = "float32",
+               fmt: str = "npy") -> dict:
+    """A seeded synthetic dataset in the seed layout.
+
+    Class centroids are random unit vectors in ``feature_dim`` dimensions. Class sizes
+    are long-tailed like face or species data: class of popularity rank r gets a
+    share proportional to ``(r + 1)^-tail_exponent`` and every class gets at least
+    one row, so many classes have a handful of rows and a few have many. A row is
+    ``centroid + noise * N(0, I/D)``, then (``normalize``) scaled to unit norm, the
+    way face and CLIP embeddings are. Rows are shuffled, then cut into
+    train/val/test by the fractions. Returns a summary dict.
+    """
+    if num_classes < 2 or feature_dim < 1 or num_samples < num_classes:
+        raise UsageError("synth needs --num-classes >= 2, --feature-dim >= 1 and --num-samples >= --num-classes")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UsageError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+    rng = np.random.default_rng(seed)
+    centroids = rng.standard_normal((num_classes, feature_dim)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    share = (np.arange(num_classes) + 1.0) ** -tail_exponent
+    extra = rng.multinomial(num_samples - num_classes, share / share.sum())
+    counts = extra + 1
+    # class ids are a random permutation of popularity ranks, so id says nothing of size
+    labels = np.repeat(rng.permutation(num_classes), counts)
+    rng.shuffle(labels)
+    features = np.empty((num_samples, feature_dim), dtype=np.float32)
+    for start in range(0, num_samples, 1 << 16):
+        stop = min(start + (1 << 16), num_samples)
+        noise_block = rng.standard_normal((stop - start, feature_dim)).astype(np.float32) * (noise / math.sqrt(feature_dim))
+        block = centroids[labels[start:stop]] + noise_block
+        if normalize:
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+        features[start:stop] = block
+    np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
+    if np_dtype is None:
+        raise UsageError(f"--dtype {dtype}: expected float32 or float16")
+    num_val, num_test = int(round(val_fraction * num_samples)), int(round(test_fraction * num_samples))
+    num_train = num_samples - num_val - num_test
+    bounds = {"train": (0, num_train), "val": (num_train, num_train + num_val),
+              "test": (num_train + num_val, num_samples)}
+    out_dir = Path(out_dir)
+    for name, (a, b) in bounds.items():
+        if b > a:
+            write_split(out_dir / name, features[a:b].astype(np_dtype), labels[a:b].astype(np.int64), fmt)
+    (out_dir / "classes.txt").write_text("".join(f"class_{c}\n" for c in range(num_classes)))
+    return {"num_classes": num_classes, "feature_dim": feature_dim, "num_samples": num_samples,
+            "train": num_train, "val": num_val, "test": num_test,
+            "largest_class": int(counts.max()), "classes_with_one_row": int((counts == 1).sum())}
+
+
+def synth_main(argv: list[str]) -> int:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog="xcent synth", description="Write a seeded synthetic long-tailed dataset in the seed layout.")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("--out", type=str, required=True, help="output data directory")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--feature-dim", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=50_000, help="rows over all splits")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--noise", type=float, default=0.5, help="noise norm relative to the unit centroid")
+    p.add_argument("--tail-exponent", type=float, default=0.8, help="class share ~ rank^-exponent")
+    p.add_argument("--normalize", type=bool, default=True, help="scale features to unit norm")
+    p.add_argument("--dtype", type=str, default="float32", help="float32 or float16")
+    p.add_argument("--format", type=str, default="npy", help="npy or pt")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    if (out / "train").exists():
+        raise UsageError(f"--out {out}: already holds a dataset (train/ exists); choose another directory")
+    info = synthesize(out, a.num_classes, a.feature_dim, a.num_samples, a.val_fraction, a.test_fraction,
+                      a.seed, a.noise, a.tail_exponent, a.normalize, a.dtype, a.format)
+    print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    return 0
