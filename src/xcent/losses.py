@@ -174,6 +174,14 @@ class _DualLoss(nn.Module):
         self.nu[index] = nu_new.to(self.nu.dtype)
         self.nu_set[index] = True
 
+    def _exp_weights(self, logits: Tensor, nu: Tensor) -> Tensor:
+        """``G = exp(z - nu) / (B m)``, recording in ``self.overflow`` (a 0-dim bool
+        tensor, no sync) whether an exponent had to be saturated, i.e. the exact
+        arithmetic leaves the dtype's safe range: the trainer treats that as
+        divergence, where the seed's code would start producing inf/NaN."""
+        self.overflow = (logits - nu[:, None]).amax() > max_exponent(logits.dtype)
+        return _exp_weights(logits, nu)
+
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -232,7 +240,7 @@ class SCENT(_DualLoss):
         nu_new = torch.where(first, log_s, scent_dual_step(nu_old, log_s, self.gamma))
         self._write_nu(index, nu_new)
         self._value = _dual_value(log_s, nu_new)
-        return _exp_weights(logits, nu_new)
+        return self._exp_weights(logits, nu_new)
 
 
 class SOX(_DualLoss):
@@ -255,7 +263,7 @@ class SOX(_DualLoss):
         nu_new = torch.where(first, log_s, sox_dual_step(nu_old, log_s, self.rate))
         self._write_nu(index, nu_new)
         self._value = _dual_value(log_s, nu_new)
-        return _exp_weights(logits, nu_new)
+        return self._exp_weights(logits, nu_new)
 
 
 class ASGD(_DualLoss):
@@ -279,7 +287,7 @@ class ASGD(_DualLoss):
         nu_new = torch.where(first, log_s, asgd_dual_step(nu_old, log_s, self.rate))
         self._write_nu(index, nu_new)
         self._value = _dual_value(log_s, nu_old)
-        return _exp_weights(logits, nu_old)
+        return self._exp_weights(logits, nu_old)
 
 
 class UMax(_DualLoss):
@@ -314,7 +322,7 @@ class UMax(_DualLoss):
             nu_grad = nu_new
         self._write_nu(index, nu_new)
         self._value = _dual_value(log_s, nu_grad)
-        return _exp_weights(logits, nu_grad)
+        return self._exp_weights(logits, nu_grad)
 
 
 class ASGDSoftplus(_DualLoss):

@@ -48,5 +48,9 @@ def train_step(weight: Tensor, loss_fn: nn.Module, features: Tensor, labels: Ten
     loss = loss_fn._value
     finite = True
     if check_finite:
-        finite = bool(torch.isfinite(loss) & torch.isfinite(new_rows).all())
+        ok = torch.isfinite(loss) & torch.isfinite(new_rows).all()
+        overflow = getattr(loss_fn, "overflow", None)  # exact arithmetic left the dtype's range
+        if overflow is not None:
+            ok = ok & ~overflow
+        finite = bool(ok)
     return StepResult(False, loss, finite, batch.num_distinct)
