@@ -1,0 +1,189 @@
+"""Deterministic train/val/test split of the rows ``xcent extract`` has cached.
+
+Only rows whose ``is_cached`` flag is set take part (a partial extraction splits what
+it has). The split is a function of the cached rows, their labels and ``seed`` alone,
+so rerunning it reproduces the same files.
+
+Plain split: one random permutation of the cached rows; the first ``n_val`` go to val,
+the next ``n_test`` to test, the rest to train.
+
+Stratified split (``--stratify``): every class with at least 3 cached rows first puts
+one random row aside for train, which guarantees it appears there. The remaining rows
+are laid out grouped by class (classes in random order, rows in random order within a
+class) and the held-out rows are taken at evenly spaced positions of that layout
+(systematic sampling), so each class gives val/test a share within one row of its
+proportional one while the totals are exactly ``n_val`` and ``n_test``.
+
+Rows of each split are written in ascending global-row order (sequential reads of the
+memory-mapped source; the trainer shuffles anyway), with ``rows.npy`` recording which
+global row each one came from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ..errors import UsageError
+
+SPLITS = ("train", "val", "test")
+
+
+def resolve_count(value: float, num_rows: int, flag: str) -> int:
+    """A fraction in [0, 1) of ``num_rows`` (rounded), or a row count (an integer >= 1)."""
+    if value < 0 or math.isnan(value):
+        raise UsageError(f"{flag} must be a fraction in [0, 1) or a row count, got {value}")
+    if value < 1:
+        return int(round(value * num_rows))
+    if value != int(value):
+        raise UsageError(f"{flag} must be a fraction in [0, 1) or a whole row count, got {value}")
+    return int(value)
+
+
+def _held_positions(pool_size: int, num_held: int, rng: np.random.Generator) -> np.ndarray:
+    """``num_held`` distinct, evenly spaced positions in ``range(pool_size)``, random phase."""
+    if num_held == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.floor((np.arange(num_held) + rng.random()) * (pool_size / num_held)).astype(np.int64)
+
+
+def split_rows(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    num_val: int,
+    num_test: int,
+    seed: int,
+    stratify: bool = False,
+) -> dict[str, np.ndarray]:
+    """Assign the global ``rows`` (with their ``labels``) to train/val/test.
+
+    Returns ascending global-row arrays per split. Raises `UsageError` if the held-out
+    sizes leave no training row (or, stratified, eat into the rows kept for train).
+    """
+    num_rows = len(rows)
+    num_train = num_rows - num_val - num_test
+    if num_train <= 0:
+        raise UsageError(f"--val-fraction and --test-fraction leave no training row ({num_val} val + {num_test} test of {num_rows} cached rows)")
+    rng = np.random.default_rng(seed)
+    if not stratify:
+        order = rng.permutation(num_rows)
+        parts = {"val": order[:num_val], "test": order[num_val : num_val + num_test], "train": order[num_val + num_test :]}
+        return {name: np.sort(rows[idx]) for name, idx in parts.items()}
+
+    num_classes = int(labels.max()) + 1 if num_rows else 0
+    class_order = rng.permutation(num_classes)
+    order = rng.permutation(num_rows)
+    # group by class (classes in random order), keeping the random order inside each class
+    order = order[np.argsort(class_order[labels[order]], kind="stable")]
+    grouped = labels[order]
+    first_of_class = np.ones(num_rows, dtype=bool)
+    first_of_class[1:] = grouped[1:] != grouped[:-1]
+    class_sizes = np.bincount(labels, minlength=num_classes)
+    reserved = first_of_class & (class_sizes[grouped] >= 3)
+    pool = order[~reserved]
+    num_held = num_val + num_test
+    if num_held > len(pool):
+        raise UsageError(
+            f"--stratify: {num_held} held-out rows requested but only {len(pool)} rows remain "
+            f"after keeping one row of each class in train; lower --val-fraction/--test-fraction"
+        )
+    held_at = _held_positions(len(pool), num_held, rng)
+    held = pool[held_at]
+    val_at = _held_positions(num_held, num_val, rng)
+    is_val = np.zeros(num_held, dtype=bool)
+    is_val[val_at] = True
+    train = np.concatenate([order[reserved], np.delete(pool, held_at)])
+    return {"train": np.sort(rows[train]), "val": np.sort(rows[held[is_val]]), "test": np.sort(rows[held[~is_val]])}
+
+
+def class_coverage(labels_of: dict[str, np.ndarray], num_classes: int) -> dict[str, int]:
+    """Counts for the report: classes overall, with rows, in train, and held-out classes
+    (in val/test) that train never sees."""
+    present = {name: np.unique(labels) for name, labels in labels_of.items()}
+    in_train = present["train"]
+    all_present = np.unique(np.concatenate(list(present.values()))) if present else np.zeros(0)
+    return {
+        "num_classes": int(num_classes),
+        "classes_with_rows": int(len(all_present)),
+        "classes_in_train": int(len(in_train)),
+        "val_classes_not_in_train": int(len(np.setdiff1d(present["val"], in_train))),
+        "test_classes_not_in_train": int(len(np.setdiff1d(present["test"], in_train))),
+    }
+
+
+def load_extracted(in_dir: str):
+    """``(features, labels, is_cached, classes)`` from an extraction directory.
+
+    Reads the ``.npy`` files memory-mapped, or falls back to the seed's ``.pt`` tensors.
+    ``is_cached`` defaults to all rows when absent (a seed output without it);
+    ``classes`` is ``None`` without a ``classes.txt``.
+    """
+    if not os.path.isdir(in_dir):
+        raise UsageError(f"--in: directory not found: {in_dir}")
+    arrays = {}
+    for name in ("features", "labels", "is_cached"):
+        npy, pt = os.path.join(in_dir, f"{name}.npy"), os.path.join(in_dir, f"{name}.pt")
+        try:
+            if os.path.exists(npy):
+                arrays[name] = np.load(npy, mmap_mode="r")
+            elif os.path.exists(pt):
+                import torch
+
+                arrays[name] = torch.load(pt, map_location="cpu", weights_only=True).numpy()
+            elif name == "is_cached":
+                arrays[name] = None
+            else:
+                raise UsageError(f"--in: {npy} not found (nor {name}.pt)")
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+            raise UsageError(f"--in: cannot read {name} in {in_dir}: {exc}") from exc
+    features, labels, is_cached = arrays["features"], arrays["labels"], arrays["is_cached"]
+    if features.ndim != 2 or labels.ndim != 1 or len(labels) != len(features):
+        raise UsageError(f"--in: {in_dir}: features {features.shape} and labels {labels.shape} do not match")
+    if is_cached is None:
+        is_cached = np.ones(len(labels), dtype=bool)
+    elif is_cached.shape != labels.shape:
+        raise UsageError(f"--in: {in_dir}: is_cached {is_cached.shape} does not match labels {labels.shape}")
+    classes = None
+    classes_path = os.path.join(in_dir, "classes.txt")
+    if os.path.exists(classes_path):
+        with open(classes_path, encoding="utf-8") as handle:
+            classes = handle.read().split("\n")
+        if classes and classes[-1] == "":
+            classes.pop()  # the final newline
+    return features, labels, is_cached, classes
+
+
+def _replace_npy(path: str, source, rows: np.ndarray, dtype, chunk_rows: int) -> None:
+    """Write ``source[rows]`` to ``path`` as ``.npy`` in chunks, atomically."""
+    shape = (len(rows),) + tuple(source.shape[1:])
+    tmp = path + ".tmp"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+    for start in range(0, len(rows), chunk_rows):
+        out[start : start + chunk_rows] = source[rows[start : start + chunk_rows]]
+    out.flush()
+    del out
+    os.replace(tmp, path)
+
+
+def write_split(out_dir: str, name: str, features, labels, rows: np.ndarray, fmt: str = "npy", chunk_rows: int = 65536) -> None:
+    """``out_dir/name/{features,labels,rows}`` for the global ``rows`` (labels as int64)."""
+    split_dir = os.path.join(out_dir, name)
+    os.makedirs(split_dir, exist_ok=True)
+    if fmt == "npy":
+        _replace_npy(os.path.join(split_dir, "features.npy"), features, rows, features.dtype, chunk_rows)
+        _replace_npy(os.path.join(split_dir, "labels.npy"), labels, rows, np.int64, chunk_rows)
+    else:
+        import torch
+
+        for file_name, array in (("features.pt", np.asarray(features[rows])), ("labels.pt", np.asarray(labels[rows], dtype=np.int64))):
+            path = os.path.join(split_dir, file_name)
+            torch.save(torch.from_numpy(np.ascontiguousarray(array)), path + ".tmp")
+            os.replace(path + ".tmp", path)
+    rows_path = os.path.join(split_dir, "rows.npy")
+    with open(rows_path + ".tmp", "wb") as handle:
+        np.save(handle, rows.astype(np.int64))
+    os.replace(rows_path + ".tmp", rows_path)

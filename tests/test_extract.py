@@ -1,0 +1,408 @@
+"""`xcent extract` on tiny generated webdataset shards.
+
+Needs torch, numpy and pillow only (the open_clip test skips without open_clip; the
+end-to-end test skips until `xcent.train` exists). Images are random JPEGs, the
+backbones tiny random networks saved as state_dict files; every invariant is checked
+against a direct recomputation: feature row k is the backbone applied to the image
+whose key is k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+PIL = pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+from xcent.cli import main as xcent_main  # noqa: E402
+from xcent.extract import backbones  # noqa: E402
+from xcent.extract.cli import extract_main  # noqa: E402
+from xcent.extract.shards import expand_braces, expand_urls  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FEATURE_DIM = 16
+GLINT_SIZE = 64  # --data-size for the Glint360K-style tests
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # these networks are tiny: intra-op threads only add overhead (and fight other jobs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------- helpers
+def jpeg_bytes(rng: np.random.Generator, width: int, height: int) -> bytes:
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_shard(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A webdataset shard: members ``key.ext`` in sample order (gzip if the name says so)."""
+    with tarfile.open(path, "w:gz" if str(path).endswith(".gz") else "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def file_digest(directory) -> dict[str, str]:
+    return {
+        name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
+        for name in sorted(os.listdir(directory))
+    }
+
+
+def face_tensor(data: bytes) -> torch.Tensor:
+    """The insightface recipe, written out independently: RGB / 255, (x - 0.5) / 0.5, CHW."""
+    array = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64) / 255.0
+    return torch.from_numpy(((array - 0.5) / 0.5).transpose(2, 0, 1).copy()).float()
+
+
+def clip_tensor(data: bytes) -> torch.Tensor:
+    """40x32 images: the short side already fits, so CLIP preprocessing is a 4-pixel
+    center crop of each side and the CLIP mean/std."""
+    array = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64) / 255.0
+    assert array.shape == (32, 40, 3)
+    array = array[:, 4:36]
+    mean, std = np.array(backbones.CLIP_MEAN), np.array(backbones.CLIP_STD)
+    return torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy()).float()
+
+
+@pytest.fixture(scope="module")
+def glint(tmp_path_factory):
+    """Three .tar.gz shards of 112x112 faces with integer keys and ``cls``, plus bad
+    samples of every kind and one shard that is not a tar at all."""
+    root = tmp_path_factory.mktemp("glint")
+    rng = np.random.default_rng(0)
+    keys = rng.permutation(GLINT_SIZE)[:36]  # rows never seen stay uncached
+    good = {int(k): (jpeg_bytes(rng, 112, 112), int(rng.integers(0, 9))) for k in keys}
+    items = [(f"{k:06d}", {"jpg": jpg, "cls": str(c).encode()}) for k, (jpg, c) in good.items()]
+    bad = [
+        ("%06d" % 200, {"jpg": jpeg_bytes(rng, 112, 112), "cls": b"1"}),  # key_out_of_range
+        ("%06d" % 40000, {"jpg": jpeg_bytes(rng, 112, 112), "cls": b"2"}),  # key_out_of_range
+        ("face_a", {"jpg": jpeg_bytes(rng, 112, 112), "cls": b"3"}),  # bad_key
+        ("%06d" % 1000, {"jpg": jpeg_bytes(rng, 112, 112)}),  # key_out_of_range (checked first)
+    ]
+    spare = [k for k in range(GLINT_SIZE) if k not in good]
+    corrupt_key, no_cls_key, no_jpg_key, small_key = spare[:4]
+    bad += [
+        (f"{corrupt_key:06d}", {"jpg": b"\xff\xd8 not really a jpeg", "cls": b"4"}),  # corrupt_image
+        (f"{no_cls_key:06d}", {"jpg": jpeg_bytes(rng, 112, 112)}),  # missing_cls
+        (f"{no_jpg_key:06d}", {"cls": b"5"}),  # missing_jpg
+        (f"{small_key:06d}", {"jpg": jpeg_bytes(rng, 64, 64), "cls": b"5"}),  # corrupt_image (not 112x112)
+    ]
+    samples = items[:12] + bad[:4] + items[12:24] + bad[4:] + items[24:]
+    for i in range(3):
+        write_shard(root / f"glint-{i:02d}.tar.gz", samples[i * 15 : (i + 1) * 15])
+    (root / "glint-03.tar.gz").write_bytes(b"this is not a tar file" * 10)  # bad_shard
+    model = backbones.iresnet_tiny(FEATURE_DIM)
+    with torch.no_grad():  # non-trivial BN statistics, so the head is exercised
+        for module in model.modules():
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    torch.save(model.state_dict(), root / "weights.pt")
+    return {
+        "root": root,
+        "url": str(root / "glint-{00..03}.tar.gz"),
+        "weights": str(root / "weights.pt"),
+        "good": good,
+        "errors": {"key_out_of_range": 3, "bad_key": 1, "corrupt_image": 2, "missing_cls": 1, "missing_jpg": 1, "bad_shard": 1},
+    }
+
+
+def glint_args(glint, out_dir, *extra) -> list[str]:
+    return [
+        "--data", "glint360k", "--data-url", glint["url"], "--out-dir", str(out_dir),
+        "--pretrained-path", glint["weights"], "--arch", "iresnet_tiny", "--feature-dim", str(FEATURE_DIM),
+        "--data-size", str(GLINT_SIZE), "--batch-size", "8", "--workers", "0", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def load_out(out_dir) -> dict[str, np.ndarray]:
+    return {name: np.load(os.path.join(out_dir, f"{name}.npy")) for name in ("features", "labels", "is_cached")}
+
+
+@pytest.fixture(scope="module")
+def glint_out(glint, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("glint_out")
+    assert extract_main(glint_args(glint, out_dir)) == 0
+    return out_dir
+
+
+# ------------------------------------------------------------------------- tests
+def test_brace_expansion(tmp_path):
+    assert expand_braces("s-{000..003}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar", "s-003.tar"]
+    assert expand_braces("s-{8..11}.tar") == ["s-8.tar", "s-9.tar", "s-10.tar", "s-11.tar"]
+    assert expand_braces("{a,b{1..2}}/x") == ["a/x", "b1/x", "b2/x"]
+    for name in ("a-1.tar", "a-2.tar", "b-1.tar"):
+        (tmp_path / name).write_bytes(b"")
+    url = f"{tmp_path}/a-{{1..2}}.tar::{tmp_path}/b-*.tar"
+    assert expand_urls(url) == [f"{tmp_path}/a-1.tar", f"{tmp_path}/a-2.tar", f"{tmp_path}/b-1.tar"]
+
+
+def test_glint_rows_labels_features(glint, glint_out):
+    out = load_out(glint_out)
+    good = glint["good"]
+    assert out["features"].shape == (GLINT_SIZE, FEATURE_DIM) and out["features"].dtype == np.float32
+    assert out["labels"].dtype == np.int64 and out["is_cached"].dtype == bool
+    assert sorted(np.flatnonzero(out["is_cached"])) == sorted(good)
+    for key, (_, label) in good.items():
+        assert out["labels"][key] == label
+    # feature row k is the backbone applied to the image whose key is k
+    model = backbones.iresnet_tiny(FEATURE_DIM)
+    model.load_state_dict(torch.load(glint["weights"], weights_only=True))
+    model.eval()
+    keys = sorted(good)
+    with torch.no_grad():
+        expected = model(torch.stack([face_tensor(good[k][0]) for k in keys])).numpy()
+    np.testing.assert_allclose(out["features"][keys], expected, rtol=1e-4, atol=1e-5)
+    assert not out["features"][~out["is_cached"]].any()
+    classes = open(glint_out / "classes.txt").read().splitlines()
+    assert classes == [str(i) for i in range(max(c for _, c in good.values()) + 1)]
+
+
+def test_glint_skip_counts_exact(glint, glint_out):
+    last_run = json.loads((glint_out / "extract.json").read_text())["last_run"]
+    assert last_run["errors"] == glint["errors"]
+    assert last_run["new_rows"] == len(glint["good"])
+    assert last_run["skipped_cached"] == 0
+    assert last_run["total_cached"] == len(glint["good"])
+
+
+def test_rerun_skips_every_cached_row(glint, glint_out, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in os.listdir(glint_out):
+        (copy / name).write_bytes((glint_out / name).read_bytes())
+    assert extract_main(glint_args(glint, copy)) == 0
+    last_run = json.loads((copy / "extract.json").read_text())["last_run"]
+    assert last_run["new_rows"] == 0 and last_run["skipped_cached"] == len(glint["good"])
+    assert last_run["errors"] == glint["errors"]  # bad samples are reported again
+    assert f"0 rows cached, {len(glint['good'])} skipped as already cached" in capsys.readouterr().out
+    for name, array in load_out(glint_out).items():
+        np.testing.assert_array_equal(load_out(copy)[name], array)
+
+
+def test_workers_float16_and_pt(glint, glint_out, tmp_path):
+    out_dir = tmp_path / "w2"
+    assert extract_main(glint_args(glint, out_dir, "--workers", "2", "--dtype", "float16", "--save-pt")) == 0
+    reference, out = load_out(glint_out), load_out(out_dir)
+    assert out["features"].dtype == np.float16
+    np.testing.assert_array_equal(out["is_cached"], reference["is_cached"])
+    np.testing.assert_array_equal(out["labels"], reference["labels"])
+    np.testing.assert_allclose(out["features"], reference["features"], rtol=2e-3, atol=2e-3)
+    assert json.loads((out_dir / "extract.json").read_text())["last_run"]["errors"] == glint["errors"]
+    for name, array in out.items():
+        np.testing.assert_array_equal(torch.load(out_dir / f"{name}.pt", weights_only=True).numpy(), array)
+
+
+KILL_AFTER_BATCHES = 2
+KILLER = """
+import os, signal, sys
+import numpy as np
+from xcent.extract import cli
+
+calls = [0]
+original = cli.FeatureStore.write
+
+def write_then_die(self, rows, features, labels):
+    calls[0] += 1
+    if calls[0] <= {n}:
+        return original(self, rows, features, labels)
+    # die in the middle of a batch: features written, the batch not yet marked cached
+    self.features[rows] = np.nan
+    os.kill(os.getpid(), signal.SIGKILL)
+
+cli.FeatureStore.write = write_then_die
+sys.exit(cli.extract_main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_kill(glint, glint_out, tmp_path):
+    out_dir = tmp_path / "killed"
+    code = KILLER.replace("{n}", str(KILL_AFTER_BATCHES))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, *glint_args(glint, out_dir)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    partial = load_out(out_dir)
+    assert partial["is_cached"].sum() == KILL_AFTER_BATCHES * 8
+    assert extract_main(glint_args(glint, out_dir)) == 0
+    last_run = json.loads((out_dir / "extract.json").read_text())["last_run"]
+    assert last_run["skipped_cached"] == KILL_AFTER_BATCHES * 8
+    assert last_run["new_rows"] == len(glint["good"]) - KILL_AFTER_BATCHES * 8
+    for name, array in load_out(glint_out).items():  # the same as the uninterrupted run
+        np.testing.assert_allclose(load_out(out_dir)[name], array, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """TreeOfLife-10M-style: .tar shards keyed by treeoflife_id, and a catalog CSV."""
+    root = tmp_path_factory.mktemp("tree")
+    rng = np.random.default_rng(1)
+    species = ["Quercus robur", "Apis mellifera", "Bufo bufo", "Zea mays", "Felis catus"]
+    ids = [f"id-{rng.integers(1 << 30):08x}-{i}" for i in range(30)]
+    catalog_species = [species[i % len(species)] for i in range(30)]
+    with open(root / "catalog.csv", "w", newline="") as handle:
+        handle.write("treeoflife_id,eol_content_id,species,common\n")
+        for tid, sp in zip(ids, catalog_species):
+            handle.write(f'{tid},{rng.integers(1000)},{sp},"a, b"\n')
+    data_size = 28  # catalog rows 28 and 29 fall outside
+    images = {tid: jpeg_bytes(rng, 40, 32) for tid in ids}
+    samples = [(tid, {"jpg": images[tid], "txt": b"caption"}) for tid in ids[:27] + ids[28:]]  # row 27 never seen
+    samples.insert(5, ("id-not-in-catalog", {"jpg": jpeg_bytes(rng, 40, 32)}))  # unknown_id
+    write_shard(root / "tol-000000.tar", samples[:15])
+    write_shard(root / "tol-000001.tar", samples[15:])
+    model = backbones.TinyImageTower(FEATURE_DIM)
+    torch.save(model.state_dict(), root / "tiny_clip.pt")
+    return {
+        "root": root, "ids": ids, "species": catalog_species, "images": images, "data_size": data_size,
+        "args": [
+            "--data", "treeoflife10m", "--data-url", str(root / "tol-00000{0..1}.tar"),
+            "--metadata-path", str(root / "catalog.csv"), "--arch", "clip_tiny",
+            "--pretrained-path", str(root / "tiny_clip.pt"), "--feature-dim", str(FEATURE_DIM),
+            "--data-size", str(data_size), "--batch-size", "4", "--workers", "0",
+        ],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tree_out(tree, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("tree_out")
+    assert extract_main([*tree["args"], "--out-dir", str(out_dir)]) == 0
+    return out_dir
+
+
+def test_treeoflife_rows_labels_features(tree, tree_out):
+    out_dir = tree_out
+    out = load_out(out_dir)
+    expected_rows = list(range(27))
+    assert list(np.flatnonzero(out["is_cached"])) == expected_rows
+    sorted_species = sorted(set(tree["species"]))
+    assert open(out_dir / "classes.txt").read().splitlines() == sorted_species
+    for row in expected_rows:
+        assert sorted_species[out["labels"][row]] == tree["species"][row]
+    model = backbones.TinyImageTower(FEATURE_DIM)
+    model.load_state_dict(torch.load(tree["root"] / "tiny_clip.pt", weights_only=True))
+    model.eval()
+    with torch.no_grad():
+        raw = model(torch.stack([clip_tensor(tree["images"][tree["ids"][row]]) for row in expected_rows]))
+    expected = (raw / raw.norm(dim=1, keepdim=True)).numpy()
+    np.testing.assert_allclose(out["features"][expected_rows], expected, rtol=1e-4, atol=1e-5)
+    last_run = json.loads((out_dir / "extract.json").read_text())["last_run"]
+    assert last_run["errors"] == {"unknown_id": 1, "key_out_of_range": 2}
+
+
+def test_max_batches_then_resume(tree, tree_out, tmp_path):
+    out_dir = tmp_path / "partial"
+    assert extract_main([*tree["args"], "--out-dir", str(out_dir), "--max-batches", "2"]) == 0
+    assert load_out(out_dir)["is_cached"].sum() == 8
+    assert extract_main([*tree["args"], "--out-dir", str(out_dir)]) == 0
+    assert json.loads((out_dir / "extract.json").read_text())["last_run"]["skipped_cached"] == 8
+    for name, array in load_out(tree_out).items():
+        np.testing.assert_allclose(load_out(out_dir)[name], array, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_shard_is_usage_error_and_destroys_nothing(glint, glint_out, capsys):
+    before = file_digest(glint_out)
+    missing = str(glint["root"] / "glint-04.tar.gz")
+    code = xcent_main(["extract", *glint_args(glint, glint_out)[:3], glint["url"].replace("{00..03}", "{00..04}"), *glint_args(glint, glint_out)[4:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.splitlines() == [f"xcent extract: error: --data-url: shard not found: {missing}"]
+    assert file_digest(glint_out) == before
+
+
+@pytest.mark.parametrize("problem", ["missing", "no_species_column", "not_utf8"])
+def test_bad_metadata_is_usage_error(tree, tmp_path, capsys, problem):
+    path = tmp_path / "catalog.csv"
+    if problem == "no_species_column":
+        path.write_text("treeoflife_id,kingdom\nx,Animalia\n")
+    elif problem == "not_utf8":
+        path.write_bytes(b"treeoflife_id,species\n\xff\xfe\xfa,x\n")
+    out_dir = tmp_path / "out"
+    args = [a if a != str(tree["root"] / "catalog.csv") else str(path) for a in tree["args"]]
+    code = xcent_main(["extract", *args, "--out-dir", str(out_dir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("xcent extract: error: --metadata-path") and str(path) in err[0]
+    assert not out_dir.exists()
+
+
+def test_resume_with_other_settings_refused(glint, glint_out, capsys):
+    before = file_digest(glint_out)
+    args = glint_args(glint, glint_out, "--dtype", "float16")
+    assert xcent_main(["extract", *args]) == 2
+    assert "dtype" in capsys.readouterr().err
+    assert file_digest(glint_out) == before
+
+
+def test_weights_that_do_not_fit_are_usage_error(glint, tmp_path, capsys):
+    args = glint_args(glint, tmp_path / "out")
+    args[args.index("--feature-dim") + 1] = "8"
+    assert xcent_main(["extract", *args]) == 2
+    assert "--pretrained-path" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_iresnet50_published_shape():
+    with torch.device("meta"):  # shapes only: no time spent initialising 43.6M weights
+        model = backbones.iresnet("iresnet50").eval()
+    assert sum(p.numel() for p in model.parameters()) == 43_590_848  # the published ~43.6M
+    state = model.state_dict()
+    assert state["fc.weight"].shape == (512, 512 * 7 * 7)
+    assert "layer3.13.bn3.running_var" in state and "layer1.0.downsample.1.weight" in state
+    assert not model.features.weight.requires_grad  # the head's last BN keeps scale 1
+    # (the forward pass of the same class runs in every iresnet_tiny test above)
+
+
+def test_bioclip_through_open_clip(tmp_path):
+    try:
+        import open_clip
+    except Exception as exc:  # noqa: BLE001 - broken torchvision raises RuntimeError, not ImportError
+        pytest.skip(f"open_clip not importable: {exc}")
+    model = open_clip.create_model("ViT-B-16")
+    torch.save(model.state_dict(), tmp_path / "bioclip.pt")
+    backbone = backbones.build_backbone("bioclip", str(tmp_path / "bioclip.pt"), 512, "cpu")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    features = backbone.encode(backbone.preprocess(image)[None])
+    assert features.shape == (1, 512)
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(1))
+
+
+def test_extract_split_train_eval_end_to_end(glint_out, tmp_path, capsys):
+    """extract (the glint_out fixture) -> split -> train 1 epoch -> eval, through the CLI."""
+    pytest.importorskip("xcent.train")
+    data_dir, runs = tmp_path / "data", tmp_path / "runs"
+    assert xcent_main(["split", "--in", str(glint_out), "--out", str(data_dir), "--val-fraction", "6", "--test-fraction", "6"]) == 0
+    assert "24 train / 6 val / 6 test" in capsys.readouterr().out
+    for split_name, size in (("train", 24), ("val", 6), ("test", 6)):
+        assert np.load(data_dir / split_name / "features.npy").shape == (size, FEATURE_DIM)
+        assert np.load(data_dir / split_name / "labels.npy").dtype == np.int64
+    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "src"), "OMP_NUM_THREADS": "1"}
+
+    def xcent(*args):
+        proc = subprocess.run([sys.executable, "-m", "xcent", *args], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    xcent("train", "--data-dir", str(data_dir), "--out-dir", str(runs), "--name", "e2e", "--epochs", "1", "--batch-size", "64", "--algorithm", "scent")
+    checkpoint = runs / "e2e" / "checkpoints" / "epoch_1.pt"
+    assert checkpoint.exists()
+    assert xcent("eval", "--checkpoint", str(checkpoint), "--data-dir", str(data_dir), "--split", "val").strip()
