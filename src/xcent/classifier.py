@@ -48,12 +48,27 @@ class InBatch:
         return int(self.classes.shape[0])
 
 
-def init_weight(num_classes: int, feature_dim: int, seed: int, device="cpu", dtype=torch.float32) -> Tensor:
-    """``W ~ N(0, 0.01^2)``, (num_classes, feature_dim), reproducible from ``seed``
-    (generated on the CPU, so a seed gives the same weight on every device)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    weight = torch.empty(num_classes, feature_dim, dtype=dtype)
-    weight.normal_(0.0, 0.01, generator=gen)
+#: rows per independently seeded block of the initial weight
+INIT_BLOCK_ROWS = 65536
+
+
+def init_weight(num_classes: int, feature_dim: int, seed: int, device="cpu", dtype=torch.float32,
+                rows: tuple[int, int] | None = None) -> Tensor:
+    """``W ~ N(0, 0.01^2)``, (num_classes, feature_dim), reproducible from ``seed``.
+
+    Generated on the CPU in blocks of :data:`INIT_BLOCK_ROWS` rows, block ``k`` from
+    its own generator seeded with ``(seed, k)``, so that ``rows=(lo, hi)`` (a class
+    shard) yields exactly rows lo..hi of the full weight without materialising it,
+    and a seed gives the same weight on every device and process count."""
+    lo, hi = (0, num_classes) if rows is None else rows
+    weight = torch.empty(hi - lo, feature_dim, dtype=dtype)
+    for block in range(lo // INIT_BLOCK_ROWS, (hi + INIT_BLOCK_ROWS - 1) // INIT_BLOCK_ROWS):
+        b_lo = block * INIT_BLOCK_ROWS
+        b_hi = min(b_lo + INIT_BLOCK_ROWS, num_classes)
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + block)
+        values = torch.empty(b_hi - b_lo, feature_dim, dtype=dtype).normal_(0.0, 0.01, generator=gen)
+        a, b = max(lo, b_lo), min(hi, b_hi)
+        weight[a - lo:b - lo] = values[a - b_lo:b - b_lo]
     return weight.to(device)
 
 
@@ -65,21 +80,26 @@ def in_batch_logits(features: Tensor, labels: Tensor, weight: Tensor) -> InBatch
     x = features.to(device=weight.device, dtype=weight.dtype)
     classes, label_pos = torch.unique(labels.to(weight.device), sorted=True, return_inverse=True)
     class_weight = weight.index_select(0, classes)
-    scores = x @ class_weight.T
-    rows = torch.arange(x.shape[0], device=x.device)
-    positive = scores[rows, label_pos]
-    logits = scores - positive[:, None]
-    logits[rows, label_pos] = float("-inf")
+    # In place on the fresh (B, K) scores: one allocation, two light passes.
+    logits = x @ class_weight.T
+    own = label_pos[:, None]
+    logits.sub_(logits.gather(1, own))
+    logits.scatter_(1, own, float("-inf"))
     return InBatch(logits, classes, label_pos, class_weight, x)
+
+
+def _row_gradient_weights(batch: InBatch, grad_logits: Tensor, inplace: bool) -> Tensor:
+    """``M``: ``G`` with ``M[i, pos(y_i)] = -sum_k G_ik`` (``G`` is zero there)."""
+    own = batch.label_pos[:, None]
+    rowsum = grad_logits.sum(dim=1, keepdim=True)
+    if inplace:
+        return grad_logits.scatter_(1, own, rowsum.neg_())
+    return grad_logits.scatter(1, own, rowsum.neg_())
 
 
 def class_row_gradient(batch: InBatch, grad_logits: Tensor) -> Tensor:
     """Gradient of the loss w.r.t. the K touched rows, ``(K, D)`` (see module doc)."""
-    rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)
-    M = grad_logits.clone()
-    # G is zero at the own class, so the subtraction sets exactly -rowsum there.
-    M[rows, batch.label_pos] -= grad_logits.sum(dim=1)
-    return M.T @ batch.features
+    return _row_gradient_weights(batch, grad_logits, inplace=False).T @ batch.features
 
 
 def sparse_sgd_step(weight: Tensor, batch: InBatch, grad_logits: Tensor, lr: float) -> Tensor:
@@ -87,8 +107,12 @@ def sparse_sgd_step(weight: Tensor, batch: InBatch, grad_logits: Tensor, lr: flo
 
     Plain SGD (no momentum or weight decay), so leaving the other C - K rows alone is
     exact. The new rows are returned so that a caller can check them for
-    divergence without reading W again."""
-    new_rows = batch.class_weight - lr * class_row_gradient(batch, grad_logits.to(batch.features.dtype))
+    divergence without reading W again. ``grad_logits`` is consumed (overwritten)
+    when it already has the weight's dtype: pass a copy to keep it."""
+    G = grad_logits.to(batch.features.dtype)
+    M = _row_gradient_weights(batch, G, inplace=True)
+    # One fused GEMM: class_weight - lr * M^T X, no (K, D) gradient temporary.
+    new_rows = torch.addmm(batch.class_weight, M.T, batch.features, alpha=-lr)
     weight.index_copy_(0, batch.classes, new_rows)
     return new_rows
 

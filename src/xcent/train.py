@@ -106,6 +106,8 @@ def build_parser():
     p.add_argument("--eval-chunk-rows", type=int, default=4096, help="rows per evaluation chunk")
     p.add_argument("--check-features", type=bool, default=True, help="scan features for NaN/Inf on load")
     p.add_argument("--overwrite", type=bool, default=False, help="replace an existing run in OUT")
+    p.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds a collective may wait under torchrun before the job fails (a dead peer)")
     return p
 
 
@@ -185,23 +187,93 @@ def _attach_log_file(path: Path) -> logging.Handler:
     return handler
 
 
+# ----------------------------------------------------------------------------- engines
+
+
+class LocalEngine:
+    """One process holds the whole (C, D) weight."""
+
+    world_size, is_main = 1, True
+
+    def __init__(self, data: Dataset, device, c, resume_path):
+        self.data, self.device, self.c = data, device, c
+        if resume_path is not None:
+            self.weight = ckpt_io.load_rows(resume_path, 0, data.num_classes).to(device, torch.float32).contiguous()
+        else:
+            self.weight = init_weight(data.num_classes, data.feature_dim, c["seed"], device)
+
+    def batch(self, index):
+        feats, labels = self.data.train.gather(index)
+        return feats.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def step(self, loss_fn, feats, labels, index, lr):
+        return train_step(self.weight, loss_fn, feats, labels, index, lr)
+
+    def batch_full_ce_sum(self, feats, labels) -> float:
+        lse, target, _ = full_softmax_stats(feats, labels, self.weight)
+        return float((lse - target).double().sum())
+
+    def evaluate(self, split, rows=None) -> dict:
+        return evaluate(split, self.weight, rows=rows, chunk_rows=self.c["eval_chunk_rows"])
+
+    def save(self, run: RunDir, epoch: int, meta: dict) -> Path:
+        path = run.checkpoints / f"epoch_{epoch}.pt"
+        ckpt_io.save_atomic({**meta, "weight": self.weight.detach().cpu()}, path)
+        return path
+
+
+class ShardedEngine:
+    """This rank holds the weight rows of its classes (see :mod:`xcent.distributed`)."""
+
+    def __init__(self, data: Dataset, device, c, resume_path, ctx):
+        from . import distributed as xd
+
+        self.xd, self.ctx, self.data, self.c = xd, ctx, data, c
+        self.world_size, self.is_main, self.device = ctx.world_size, ctx.is_main, ctx.device
+        xd.check_world(data.num_classes, ctx.world_size)
+        self.lo, self.hi = xd.class_range(data.num_classes, ctx.rank, ctx.world_size)
+        if resume_path is not None:
+            rows = ckpt_io.load_rows(resume_path, self.lo, self.hi)
+        else:
+            rows = init_weight(data.num_classes, data.feature_dim, c["seed"], rows=(self.lo, self.hi))
+        self.weight = rows.to(self.device, torch.float32).contiguous()
+
+    def batch(self, index):
+        feats = self.xd.gather_batch_rows(self.data.train, index, self.ctx, torch.float32)
+        return feats, self.data.train.labels.index_select(0, index).to(self.device)
+
+    def step(self, loss_fn, feats, labels, index, lr):
+        return self.xd.sharded_train_step(self.weight, self.lo, loss_fn, feats, labels, index, lr, self.ctx)
+
+    def batch_full_ce_sum(self, feats, labels) -> float:
+        lse, target, _ = self.xd.sharded_stats(feats, labels, self.weight, self.lo, self.ctx)
+        return float((lse - target).double().sum())
+
+    def evaluate(self, split, rows=None) -> dict:
+        return self.xd.sharded_evaluate(split, self.weight, self.lo, self.ctx, rows=rows,
+                                        chunk_rows=self.c["eval_chunk_rows"])
+
+    def save(self, run: RunDir, epoch: int, meta: dict) -> Path:
+        return ckpt_io.save_sharded(self.ctx, run.checkpoints, epoch, self.weight, self.lo, self.hi, meta)
+
+
 # ----------------------------------------------------------------------------- training
 
 
-def _epoch_metrics(data: Dataset, weight, c, subset, running):
+def _epoch_metrics(data: Dataset, engine, subset, running):
     metrics = {}
     start = time.perf_counter()
     if running is not None:
         metrics["train_loss"] = running
     else:
-        train = evaluate(data.train, weight, rows=subset, chunk_rows=c["eval_chunk_rows"])
-        metrics["train_loss"], metrics["train_acc"] = train["loss"], train["top1"]
-    val = evaluate(data.splits["val"], weight, chunk_rows=c["eval_chunk_rows"])
+        train_m = engine.evaluate(data.train, rows=subset)
+        metrics["train_loss"], metrics["train_acc"] = train_m["loss"], train_m["top1"]
+    val = engine.evaluate(data.splits["val"])
     metrics.update(val_loss=val["loss"], val_acc=val["top1"], val_top5=val["top5"])
     return metrics, time.perf_counter() - start
 
 
-def _update_best(best: dict, metrics: dict, data: Dataset, weight, c) -> float:
+def _update_best(best: dict, metrics: dict, data: Dataset, engine) -> float:
     """Track the best val accuracy; evaluate test when it improves. Returns seconds."""
     start = time.perf_counter()
     metrics["test_loss"] = metrics["test_acc"] = None
@@ -209,7 +281,7 @@ def _update_best(best: dict, metrics: dict, data: Dataset, weight, c) -> float:
         best["best_val_acc"] = metrics["val_acc"]
         best["best_val_epoch"] = metrics["epoch"]
         if "test" in data.splits:
-            test = evaluate(data.splits["test"], weight, chunk_rows=c["eval_chunk_rows"])
+            test = engine.evaluate(data.splits["test"])
             metrics["test_loss"], metrics["test_acc"] = test["loss"], test["top1"]
             best["best_test_acc"], best["best_test_loss"] = test["top1"], test["loss"]
     metrics.update(best_val_acc=best["best_val_acc"], best_test_acc=best.get("best_test_acc"),
@@ -227,89 +299,117 @@ def _format_row(r: dict) -> str:
 TABLE_HEADER = f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'val_loss':>9} {'val_acc':>8} {'val_top5':>8} {'samples/s':>10}"
 
 
-def _save(run: RunDir, weight, loss_fn, epoch, best, c, data) -> Path:
-    path = run.checkpoints / f"epoch_{epoch}.pt"
-    ckpt_io.save_atomic({
-        "format": ckpt_io.FORMAT, "weight": weight.detach().cpu(), "nu": loss_fn.nu.detach().cpu(),
-        "nu_set": loss_fn.nu_set.detach().cpu(), "epoch": epoch, "best": dict(best),
-        "algorithm": c["algorithm"], "num_classes": data.num_classes, "feature_dim": data.feature_dim,
-        "num_samples": data.train.num_samples, "config": dict(c), "rng_state": torch.get_rng_state(),
-    }, path)
-    return path
+def _save(run: RunDir, engine, loss_fn, epoch, best, c, data) -> Path:
+    meta = {
+        "format": ckpt_io.FORMAT, "nu": loss_fn.nu.detach().cpu(), "nu_set": loss_fn.nu_set.detach().cpu(),
+        "epoch": epoch, "best": dict(best), "algorithm": c["algorithm"], "num_classes": data.num_classes,
+        "feature_dim": data.feature_dim, "num_samples": data.train.num_samples, "config": dict(c),
+        "rng_state": torch.get_rng_state(),
+    }
+    return engine.save(run, epoch, meta)
 
 
 def train(c: dict, echo=print) -> dict:
     """Run the training described by the resolved config ``c``; returns the last JSONL
     record. Raises UsageError on bad input (before touching OUT) and DivergenceError
-    on a non-finite step."""
+    on a non-finite step. Under torchrun (WORLD_SIZE > 1) the classes are sharded
+    over the processes (:mod:`xcent.distributed`); only rank 0 writes logs."""
+    from . import distributed as xd
+
     data = load_dataset(c["data_dir"], num_classes=c["num_classes"], feature_dim=c["feature_dim"],
                         data_size=c["data_size"], check_features=c["check_features"])
     device = resolve_device(c["device"])
-    run = RunDir(c["out_dir"], c["name"])
+    ctx = xd.init_from_env(device, c["dist_timeout"]) if xd.world_size_from_env() > 1 else None
+    try:
+        return _train(c, data, device, ctx, echo)
+    finally:
+        if ctx is not None:
+            xd.shutdown()
 
-    resume_ckpt = None
+
+def _train(c, data, device, ctx, echo) -> dict:
+    is_main = ctx is None or ctx.is_main
+    if not is_main:
+        echo = lambda *_: None  # noqa: E731  rank-0 discipline
+    run = RunDir(c["out_dir"], c["name"])
+    resume_ckpt, resume_path = None, None
     if c["resume"]:
-        path = ckpt_io.latest(run.checkpoints) if c["resume"] == "latest" else Path(c["resume"])
-        if path is None:
+        resume_path = ckpt_io.latest(run.checkpoints) if c["resume"] == "latest" else Path(c["resume"])
+        if resume_path is None:
             raise UsageError(f"--resume latest: no checkpoint in {run.checkpoints}")
-        resume_ckpt = ckpt_io.load(path)
-        ckpt_io.check_compatible(resume_ckpt, path, c["algorithm"], data.num_classes, data.feature_dim,
+        resume_ckpt = ckpt_io.load(resume_path, mmap=True)
+        ckpt_io.check_compatible(resume_ckpt, resume_path, c["algorithm"], data.num_classes, data.feature_dim,
                                  data.train.num_samples)
         if resume_ckpt["epoch"] >= c["epochs"]:
-            raise UsageError(f"--resume {path}: already at epoch {resume_ckpt['epoch']} of --epochs {c['epochs']}")
-        c["resume"] = str(path)
-    elif run.holds_run():
-        if not c["overwrite"]:
-            raise UsageError(f"{run.path} already holds a run; pass --resume latest to continue it "
-                             f"or --overwrite to replace it")
-        shutil.rmtree(run.checkpoints, ignore_errors=True)
-        run.jsonl.unlink(missing_ok=True)
-        run.log.unlink(missing_ok=True)
-
-    c = dict(c, num_classes=data.num_classes, feature_dim=data.feature_dim, data_size=data.train.num_samples)
-    run.path.mkdir(parents=True, exist_ok=True)
-    handler = _attach_log_file(run.log)
-    try:
+            raise UsageError(f"--resume {resume_path}: already at epoch {resume_ckpt['epoch']} "
+                             f"of --epochs {c['epochs']}")
+        c["resume"] = str(resume_path)
+    elif run.holds_run() and not c["overwrite"]:
+        raise UsageError(f"{run.path} already holds a run; pass --resume latest to continue it "
+                         f"or --overwrite to replace it")
+    if ctx is not None:
+        ctx.barrier()  # every rank has checked OUT before rank 0 changes it
+    c = dict(c, num_classes=data.num_classes, feature_dim=data.feature_dim, data_size=data.train.num_samples,
+             world_size=1 if ctx is None else ctx.world_size)
+    handler = None
+    if is_main:
+        if not c["resume"] and run.holds_run():  # --overwrite
+            shutil.rmtree(run.checkpoints, ignore_errors=True)
+            run.jsonl.unlink(missing_ok=True)
+            run.log.unlink(missing_ok=True)
+        run.path.mkdir(parents=True, exist_ok=True)
+        handler = _attach_log_file(run.log)
         run.config.write_text(yaml.safe_dump(c, sort_keys=False))
-        return _train_loop(c, data, device, run, resume_ckpt, echo)
+    if ctx is not None:
+        ctx.barrier()
+    try:
+        engine = (LocalEngine(data, device, c, resume_path) if ctx is None
+                  else ShardedEngine(data, device, c, resume_path, ctx))
+        return _train_loop(c, data, engine, run, resume_ckpt, echo)
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
 
 
-def _train_loop(c, data: Dataset, device, run: RunDir, resume_ckpt, echo) -> dict:
+def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dict:
     num_samples, batch_size, epochs = data.train.num_samples, c["batch_size"], c["epochs"]
+    is_main = engine.is_main
     loss_fn = build_loss(c, num_samples)
     if resume_ckpt is not None:
-        weight = resume_ckpt["weight"].to(device=device, dtype=torch.float32).contiguous()
         loss_fn.load_state_dict({"nu": resume_ckpt["nu"], "nu_set": resume_ckpt["nu_set"]})
         start_epoch, best = resume_ckpt["epoch"] + 1, dict(resume_ckpt["best"])
         torch.set_rng_state(resume_ckpt["rng_state"])
         records = [r for r in run.read_jsonl() if r["epoch"] <= resume_ckpt["epoch"]]
-        run.write_jsonl(records)
-        log.info("resumed from %s at epoch %d", c["resume"], resume_ckpt["epoch"])
+        if is_main:
+            run.write_jsonl(records)
+            log.info("resumed from %s at epoch %d", c["resume"], resume_ckpt["epoch"])
     else:
-        weight = init_weight(data.num_classes, data.feature_dim, c["seed"], device)
         start_epoch, best, records = 1, {}, []
-    loss_fn.to(device)
+    loss_fn.to(engine.device)
     subset = train_subset(num_samples, c["train_eval_size"], c["seed"])
-    log.info("run %s: %s, %d classes, %d x %d training rows, device %s", run.name, c["algorithm"],
-             data.num_classes, num_samples, data.feature_dim, device)
+    if is_main:
+        log.info("run %s: %s, %d classes, %d x %d training rows, device %s, %d process(es)", run.name,
+                 c["algorithm"], data.num_classes, num_samples, data.feature_dim, engine.device, engine.world_size)
     echo(f"xcent train: {c['algorithm']} on {c['data_dir']} ({data.num_classes} classes, "
-         f"{num_samples} rows, dim {data.feature_dim}) -> {run.path}")
+         f"{num_samples} rows, dim {data.feature_dim}, {engine.world_size} process(es)) -> {run.path}")
     echo(TABLE_HEADER)
     for r in records:
         echo(_format_row(r))
 
-    if start_epoch == 1:  # epoch 0: the initial model, so curves start at log C
-        metrics, eval_s = _epoch_metrics(data, weight, c, subset, None)
-        metrics["epoch"] = 0
-        eval_s += _update_best(best, metrics, data, weight, c)
-        record = {"epoch": 0, **metrics, "lr": 0.0, "epoch_seconds": 0.0, "samples_per_second": 0.0,
-                  "skipped_steps": 0, "eval_seconds": eval_s}
-        run.append_jsonl(record)
+    def finish_epoch(record):
+        if is_main:
+            run.append_jsonl(record)
+            log.info(json.dumps(record))
         records.append(record)
         echo(_format_row(record))
+
+    if start_epoch == 1:  # epoch 0: the initial model, so curves start at log C
+        metrics, eval_s = _epoch_metrics(data, engine, subset, None)
+        metrics["epoch"] = 0
+        eval_s += _update_best(best, metrics, data, engine)
+        finish_epoch({"epoch": 0, **metrics, "lr": 0.0, "epoch_seconds": 0.0, "samples_per_second": 0.0,
+                      "skipped_steps": 0, "eval_seconds": eval_s})
 
     from tqdm.auto import tqdm
 
@@ -321,16 +421,13 @@ def _train_loop(c, data: Dataset, device, run: RunDir, resume_ckpt, echo) -> dic
         skipped, running_sum, surrogate_sum, steps = 0, 0.0, 0.0, 0
         start = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
-                   disable=None, file=sys.stderr)
+                   disable=None if is_main else True, file=sys.stderr)
         for step in range(steps_per_epoch):
             index = order[step * batch_size:(step + 1) * batch_size].sort().values
-            feats, labels = data.train.gather(index)
-            feats = feats.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
+            feats, labels = engine.batch(index)
             if c["train_loss"] == "running":
-                lse, target, _ = full_softmax_stats(feats, labels, weight)
-                running_sum += float((lse - target).double().sum())
-            result = train_step(weight, loss_fn, feats, labels, index, lr)
+                running_sum += engine.batch_full_ce_sum(feats, labels)
+            result = engine.step(loss_fn, feats, labels, index, lr)
             if result.skipped:
                 skipped += 1
             elif not result.finite:
@@ -346,22 +443,29 @@ def _train_loop(c, data: Dataset, device, run: RunDir, resume_ckpt, echo) -> dic
         bar.close()
         train_seconds = time.perf_counter() - start
         running = running_sum / num_samples if c["train_loss"] == "running" else None
-        metrics, eval_s = _epoch_metrics(data, weight, c, subset, running)
+        metrics, eval_s = _epoch_metrics(data, engine, subset, running)
         metrics["epoch"] = epoch
-        eval_s += _update_best(best, metrics, data, weight, c)
-        record = {"epoch": epoch, **metrics, "lr": lr, "surrogate_loss": surrogate_sum / max(steps, 1),
-                  "epoch_seconds": train_seconds, "samples_per_second": num_samples / max(train_seconds, 1e-9),
-                  "skipped_steps": skipped, "eval_seconds": eval_s}
-        if skipped:
+        eval_s += _update_best(best, metrics, data, engine)
+        if skipped and is_main:
             log.warning("epoch %d: %d step(s) skipped (batch with a single label)", epoch, skipped)
-        run.append_jsonl(record)
-        records.append(record)
-        echo(_format_row(record))
-        log.info(json.dumps(record))
+        finish_epoch({"epoch": epoch, **metrics, "lr": lr, "surrogate_loss": surrogate_sum / max(steps, 1),
+                      "epoch_seconds": train_seconds,
+                      "samples_per_second": num_samples / max(train_seconds, 1e-9),
+                      "skipped_steps": skipped, "eval_seconds": eval_s})
         if epoch % c["save_frequency"] == 0 or epoch == epochs:
-            _save(run, weight, loss_fn, epoch, best, c, data)
+            _save(run, engine, loss_fn, epoch, best, c, data)
+        _maybe_fail_for_test(epoch)
     echo(f"outputs: {run.path} (eval_{run.name}.jsonl, checkpoints/, config.yaml, out.log)")
     return records[-1]
+
+
+def _maybe_fail_for_test(epoch: int) -> None:
+    """Fault injection for the tests of crash handling: XCENT_FAIL_AFTER_EPOCH=K
+    (optionally XCENT_FAIL_RANK=R) makes that process exit abruptly after epoch K."""
+    spec = os.environ.get("XCENT_FAIL_AFTER_EPOCH")
+    if spec and int(spec) == epoch and os.environ.get("XCENT_FAIL_RANK", os.environ.get("RANK", "0")) == \
+            os.environ.get("RANK", "0"):
+        os._exit(17)
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,107 @@
+"""Class-sharded training under torchrun (gloo, CPU) equals single-process training."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import read_jsonl
+from xcent import checkpoint as ckpt_io
+from xcent.data import synthesize
+from xcent.train import TIMING_KEYS, build_parser, resolve_config, train
+
+COMMON = ["--epochs", "2", "--batch-size", "48", "--train-eval-size", "200"]
+
+
+@pytest.fixture(scope="module")
+def dist_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    # 45 classes: an odd count, so the two shards differ in size
+    synthesize(root / "data", num_classes=45, feature_dim=8, num_samples=700, seed=5, noise=0.6)
+    return root
+
+
+def torchrun(nproc, args, env_extra=None, timeout=180):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(29500 + os.getpid() % 1000), "-m", "xcent", "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def single(root, name, *extra):
+    argv = ["--data-dir", str(root / "data"), "--out-dir", str(root / "out"), "--name", name, *COMMON, *extra]
+    return train(resolve_config(build_parser().parse_args(argv)), echo=lambda *_: None)
+
+
+def metrics(path):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_jsonl(path)]
+
+
+def assert_same_run(a_dir, b_dir, epoch=2, tol=1e-5):
+    a = ckpt_io.load(ckpt_io.latest(a_dir / "checkpoints"))
+    b = ckpt_io.load(ckpt_io.latest(b_dir / "checkpoints"))
+    assert a["epoch"] == b["epoch"] == epoch
+    torch.testing.assert_close(a["weight"], b["weight"], rtol=tol, atol=tol)
+    assert torch.equal(a["nu_set"], b["nu_set"])
+    torch.testing.assert_close(a["nu"], b["nu"], rtol=tol, atol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("algorithm", ["scent", "sox", "bsgd"])
+def test_two_processes_equal_one(dist_data, algorithm):
+    single(dist_data, f"p1_{algorithm}", "--algorithm", algorithm)
+    args = ["--data-dir", str(dist_data / "data"), "--out-dir", str(dist_data / "out"), "--name",
+            f"p2_{algorithm}", "--algorithm", algorithm, *COMMON]
+    proc = torchrun(2, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = dist_data / "out"
+    # sharded checkpoints: one directory per epoch, one file per rank
+    shard_dir = out / f"p2_{algorithm}" / "checkpoints" / "epoch_2"
+    assert sorted(p.name for p in shard_dir.iterdir()) == ["manifest.pt", "shard_00000.pt", "shard_00001.pt"]
+    shard0 = torch.load(shard_dir / "shard_00000.pt", weights_only=True)["weight"]
+    assert shard0.shape == (23, 8)  # no rank holds the full weight
+    assert_same_run(out / f"p1_{algorithm}", out / f"p2_{algorithm}")
+    m1, m2 = metrics(out / f"p1_{algorithm}" / f"eval_p1_{algorithm}.jsonl"), \
+        metrics(out / f"p2_{algorithm}" / f"eval_p2_{algorithm}.jsonl")
+    assert [r["epoch"] for r in m2] == [0, 1, 2]
+    for r1, r2 in zip(m1, m2):
+        assert r1.keys() == r2.keys()
+        for key in r1:
+            if isinstance(r1[key], float):
+                assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-6), key
+            else:
+                assert r1[key] == r2[key], key
+    # only rank 0 wrote the log and the JSONL (one line per epoch, not two)
+    assert len(read_jsonl(out / f"p2_{algorithm}" / f"eval_p2_{algorithm}.jsonl")) == 3
+
+
+def test_resume_across_process_counts(dist_data):
+    out = dist_data / "out"
+    if not (out / "p2_scent" / "checkpoints" / "epoch_1").exists():
+        pytest.skip("needs test_two_processes_equal_one[scent]")
+    # 2 -> 1: resume the 2-process run's epoch 1 in one process
+    single(dist_data, "r21", "--resume", str(out / "p2_scent" / "checkpoints" / "epoch_1"))
+    assert_same_run(out / "p1_scent", out / "r21")
+    # 1 -> 2: resume the 1-process run's epoch 1 with two processes
+    args = ["--data-dir", str(dist_data / "data"), "--out-dir", str(out), "--name", "r12", *COMMON,
+            "--resume", str(out / "p1_scent" / "checkpoints" / "epoch_1.pt")]
+    proc = torchrun(2, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(out / "p1_scent", out / "r12")
+    # xcent eval reads the sharded checkpoint
+    ev = subprocess.run([sys.executable, "-m", "xcent", "eval", "--checkpoint", str(out / "r12" / "checkpoints" / "epoch_2"),
+                         "--data-dir", str(dist_data / "data"), "--split", "val"], capture_output=True, text=True)
+    assert ev.returncode == 0 and "top1" in ev.stdout
+
+
+def test_dead_rank_fails_the_job_quickly(dist_data):
+    args = ["--data-dir", str(dist_data / "data"), "--out-dir", str(dist_data / "out"), "--name", "dies",
+            "--epochs", "3", "--batch-size", "48", "--dist-timeout", "30"]
+    start = time.monotonic()
+    proc = torchrun(2, args, env_extra={"XCENT_FAIL_AFTER_EPOCH": "1", "XCENT_FAIL_RANK": "1"}, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 60
+    assert "exitcode" in proc.stderr and "17" in proc.stderr  # torchrun names the failed rank and its code
