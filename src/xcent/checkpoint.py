@@ -134,7 +134,7 @@ def save_sharded(ctx, directory, epoch: int, rows: torch.Tensor, lo: int, hi: in
         tmp.mkdir(parents=True)
     ctx.barrier()
     save_atomic({"weight": rows.detach().cpu()}, tmp / f"shard_{ctx.rank:05d}.pt")
-    ranges = torch.tensor([lo, hi], dtype=torch.long)
+    ranges = torch.tensor([lo, hi], dtype=torch.long, device=ctx.device)  # nccl needs device tensors
     gathered = [torch.empty_like(ranges) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, ranges)
     ctx.barrier()
