@@ -7,3 +7,12 @@ ASGD-softplus, U-max, BSGD). Each step touches only the classes of its minibatch
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # `xcent.Classifier` is imported on first use, so `import xcent` does not load torch
+    if name == "Classifier":
+        from .predict import Classifier
+
+        return Classifier
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

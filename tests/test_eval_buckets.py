@@ -1,0 +1,146 @@
+"""`xcent eval` head/torso/tail and macro metrics against a hand computation."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from xcent import cli
+from xcent.checkpoint import FORMAT, save_atomic
+from xcent.data import load_dataset, synthesize, write_split
+from xcent.evaluate import _aggregate, bucket_metrics, class_buckets, evaluate, per_class_stats
+
+
+def test_class_buckets_by_hand():
+    counts = torch.tensor([5, 0, 3, 3, 9, 1, 0, 2])
+    # seen classes by count, ties by id: 4 (9), 0 (5), 2 (3), 3 (3), 7 (2), 5 (1)
+    b = class_buckets(counts)
+    assert {k: v.tolist() for k, v in b.items()} == {"head": [0, 4], "torso": [2, 3], "tail": [5, 7], "unseen": [1, 6]}
+    # 7 seen classes: thirds of 3, 2, 2; the tie at count 3 is cut by class id
+    b = class_buckets(torch.tensor([3, 3, 3, 3, 1, 1, 2]))
+    assert {k: v.tolist() for k, v in b.items()} == {"head": [0, 1, 2], "torso": [3, 6], "tail": [4, 5], "unseen": []}
+
+
+# Six classes; with W = I (6 x 6) the features are the logits themselves, so every
+# number below is a hand computation from these rows.
+TRAIN_LABELS = [0, 0, 0, 0, 2, 2, 3, 3, 4, 5, 5, 5, 5, 5, 5]  # counts 4, 0, 2, 2, 1, 6
+VAL = [  # (logits, label)
+    ([3, 1, 0, 0, 0, 0], 0),  # top-1 right
+    ([1, 2, 0, 0, 0, 0], 0),  # rank 1: top-1 wrong, top-5 right
+    ([0, 0, 0, 0, 0, 2], 5),  # right
+    ([0, 0, 1, 3, 0, 0], 2),  # rank 1
+    ([0, 0, 0, 2, 0, 0], 3),  # right
+    ([1, 1, 1, 1, 0, 1], 4),  # rank 5: top-5 wrong
+    ([0, 4, 0, 0, 0, 0], 1),  # right, a class never seen in training
+]
+
+
+def assert_close_nested(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_close_nested(a[key], b[key])
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-6)
+    else:
+        assert a == b
+
+
+def ce(logits, label):
+    return math.log(sum(math.exp(v) for v in logits)) - logits[label]
+
+
+@pytest.fixture
+def crafted(tmp_path):
+    data = tmp_path / "data"
+    write_split(data / "train", np.zeros((len(TRAIN_LABELS), 6), np.float32), np.array(TRAIN_LABELS))
+    write_split(data / "val", np.array([v for v, _ in VAL], np.float32), np.array([y for _, y in VAL]))
+    ckpt = tmp_path / "ckpt.pt"
+    save_atomic({"format": FORMAT, "weight": torch.eye(6), "epoch": 4, "algorithm": "scent", "num_classes": 6,
+                 "feature_dim": 6, "config": {"data_dir": str(data)}}, ckpt)
+    return data, ckpt
+
+
+def test_eval_buckets_and_macro_equal_hand_computation(crafted, capsys):
+    data, ckpt = crafted
+    capsys.readouterr()
+    # --json alone and --json true (the trainer issue's spelling) both work
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--json", "true",
+                     "--class-chunk", "4", "--chunk-rows", "3"]) == 0
+    assert_close_nested(json.loads(capsys.readouterr().out), m)  # other chunking: float32 sums differ in ulps
+    losses = [ce(v, y) for v, y in VAL]
+
+    assert m["epoch"] == 4 and m["num_rows"] == 7 and m["num_classes_evaluated"] == 6
+    assert m["top1"] == pytest.approx(4 / 7) and m["top5"] == pytest.approx(6 / 7)
+    assert m["loss"] == pytest.approx(sum(losses) / 7, rel=1e-6)
+    # per-class top-1: class 0 1/2, 1 1, 2 0, 3 1, 4 0, 5 1
+    assert m["macro_top1"] == pytest.approx(3.5 / 6)
+    assert m["macro_top5"] == pytest.approx(5 / 6)
+
+    b = m["buckets"]
+    assert set(b) == {"head", "torso", "tail", "unseen"}
+    # train counts 5:6, 0:4 | 2:2, 3:2 | 4:1 ; unseen: 1
+    assert (b["head"]["num_classes"], b["head"]["train_count_min"], b["head"]["train_count_max"]) == (2, 4, 6)
+    assert (b["torso"]["num_classes"], b["tail"]["num_classes"], b["unseen"]["num_classes"]) == (2, 1, 1)
+    head, torso, tail, unseen = b["head"], b["torso"], b["tail"], b["unseen"]
+    assert head["num_rows"] == 3 and head["top1"] == pytest.approx(2 / 3) and head["top5"] == 1.0
+    assert head["macro_top1"] == pytest.approx((1 / 2 + 1) / 2)
+    assert head["loss"] == pytest.approx(sum(losses[:3]) / 3, rel=1e-6)
+    assert torso["num_rows"] == 2 and torso["top1"] == 0.5 and torso["macro_top1"] == 0.5
+    assert torso["loss"] == pytest.approx((losses[3] + losses[4]) / 2, rel=1e-6)
+    assert tail["num_rows"] == 1 and tail["top1"] == 0.0 and tail["top5"] == 0.0
+    assert tail["loss"] == pytest.approx(losses[5], rel=1e-6)
+    assert unseen["num_rows"] == 1 and unseen["top1"] == 1.0 and unseen["loss"] == pytest.approx(losses[6], rel=1e-6)
+
+
+def test_eval_text_output_and_no_train_split(crafted, tmp_path, capsys):
+    data, ckpt = crafted
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("val: loss") and "macro-top1 0.5833" in lines[0]
+    assert [line.split()[0] for line in lines[2:]] == ["head", "torso", "tail", "unseen"]
+    assert lines[3].split()[:4] == ["torso", "2", "2..2", "2"]
+    # without a train split there is no breakdown, but the overall numbers are unchanged
+    shutil.rmtree(data / "train")
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert "buckets" not in m and m["top1"] == pytest.approx(4 / 7)
+
+
+def test_eval_rejects_train_labels_out_of_range(crafted, capsys):
+    data, ckpt = crafted
+    write_split(data / "train", np.zeros((2, 6), np.float32), np.array([0, 6]))
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data)]) == 2
+    assert "train label 6" in capsys.readouterr().err
+
+
+def test_per_class_sums_agree_with_evaluate_and_with_the_buckets(tmp_path):
+    """The aggregates the trainer logs (evaluate) and those xcent eval prints come
+    from the same per-row numbers; buckets partition the rows."""
+    synthesize(tmp_path, num_classes=30, feature_dim=8, num_samples=600, seed=2)
+    data = load_dataset(tmp_path)
+    weight = torch.randn(30, 8, generator=torch.Generator().manual_seed(0)) * 3
+    val = data.splits["val"]
+    stats = per_class_stats(val, weight, chunk_rows=7, class_chunk=11)
+    overall, direct = _aggregate(stats), evaluate(val, weight, chunk_rows=7, class_chunk=11)
+    assert overall["num_rows"] == direct["num_rows"]
+    assert (overall["top1"], overall["top5"]) == (direct["top1"], direct["top5"])
+    assert overall["loss"] == pytest.approx(direct["loss"], rel=1e-9)
+    counts = torch.bincount(data.train.labels, minlength=30)
+    buckets = bucket_metrics(stats, counts)
+    assert sum(b["num_rows"] for b in buckets.values()) == overall["num_rows"]
+    assert sum(b["num_classes"] for b in buckets.values()) == 30
+    assert sum(b["top1"] * b["num_rows"] for b in buckets.values() if b["num_rows"]) == pytest.approx(
+        overall["top1"] * overall["num_rows"])
+    # brute force macro top-1 from a dense (N, C) score matrix
+    scores = torch.from_numpy(np.array(val.features)) @ weight.T
+    hit = (scores.argmax(1) == val.labels).double()
+    per_class = [float(hit[val.labels == c].mean()) for c in torch.unique(val.labels).tolist()]
+    assert overall["macro_top1"] == pytest.approx(sum(per_class) / len(per_class))
