@@ -2,6 +2,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from xcent.data import synthesize
 
@@ -17,3 +19,20 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the size of the largest tensor any op creates (in-place results, which
+    reuse memory, excluded): a test's proof that memory does not scale with C or N."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func._schema.name.endswith("_") and "out" not in (kwargs or {}):
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    self.max_numel = max(self.max_numel, t.numel())
+        return out

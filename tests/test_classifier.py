@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import AllocationRecorder
 
 from xcent.classifier import full_softmax_stats, in_batch_logits, init_weight
 from xcent.losses import build
@@ -72,22 +73,6 @@ def test_single_label_batch_is_skipped():
     assert r.skipped
     assert torch.equal(weight, before)
     assert not algo.nu_set.any()
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records the size of every tensor an op creates (in-place results excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func._schema.name.endswith("_") and "out" not in (kwargs or {}):
-            for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(t, torch.Tensor):
-                    self.max_numel = max(self.max_numel, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("name", ["scent", "bsgd", "softplus"])

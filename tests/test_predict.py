@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import AllocationRecorder
 
 import xcent
 from xcent import cli
@@ -78,21 +79,6 @@ def test_classifier_predict_and_log_proba_equal_dense():
     # a 1-row matmul may round differently from a 5-row one: equal up to float32 ulps
     assert torch.equal(one_ids, ids[7]) and torch.allclose(one_probs, probs[7], rtol=1e-5, atol=0)
     assert clf.names(ids[:2, :2]) == [[str(i) for i in row] for row in ids[:2, :2].tolist()]
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """The largest tensor any op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
 
 
 def test_predict_memory_is_bounded_by_the_block_not_by_n_or_c():
