@@ -70,6 +70,15 @@ def test_cli_run_writes_outputs_and_curves_start_at_log_c(tiny_data, tmp_path, c
     assert 0 <= printed["top1"] <= printed["top5"] <= 1
 
 
+def test_saved_config_is_a_valid_config_file(tiny_data, tmp_path):
+    train(config(tiny_data, tmp_path, "orig", "--epochs", 1, "--lr", 3.0, "--batch-size", 64), echo=lambda *_: None)
+    assert cli.main(["train", "--config", str(tmp_path / "orig" / "config.yaml"), "--name", "again"]) == 0
+    again = (tmp_path / "again" / "config.yaml").read_text()
+    assert again == (tmp_path / "orig" / "config.yaml").read_text().replace("name: orig", "name: again")
+    a = load_ckpt(tmp_path / "orig" / "checkpoints" / "epoch_1.pt")["weight"]
+    assert torch.equal(a, load_ckpt(tmp_path / "again" / "checkpoints" / "epoch_1.pt")["weight"])
+
+
 def test_python_m_xcent_runs(tiny_data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "xcent", "train", *run_args(tiny_data, tmp_path, "m", "--epochs", 1,
                                                                              "--batch-size", 64)],

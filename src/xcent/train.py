@@ -304,7 +304,7 @@ def _save(run: RunDir, engine, loss_fn, epoch, best, c, data) -> Path:
         "format": ckpt_io.FORMAT, "nu": loss_fn.nu.detach().cpu(), "nu_set": loss_fn.nu_set.detach().cpu(),
         "epoch": epoch, "best": dict(best), "algorithm": c["algorithm"], "num_classes": data.num_classes,
         "feature_dim": data.feature_dim, "num_samples": data.train.num_samples, "config": dict(c),
-        "rng_state": torch.get_rng_state(),
+        "rng_state": torch.get_rng_state(), "world_size": engine.world_size,
     }
     return engine.save(run, epoch, meta)
 
@@ -349,8 +349,7 @@ def _train(c, data, device, ctx, echo) -> dict:
                          f"or --overwrite to replace it")
     if ctx is not None:
         ctx.barrier()  # every rank has checked OUT before rank 0 changes it
-    c = dict(c, num_classes=data.num_classes, feature_dim=data.feature_dim, data_size=data.train.num_samples,
-             world_size=1 if ctx is None else ctx.world_size)
+    c = dict(c, num_classes=data.num_classes, feature_dim=data.feature_dim, data_size=data.train.num_samples)
     handler = None
     if is_main:
         if not c["resume"] and run.holds_run():  # --overwrite
