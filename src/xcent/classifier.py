@@ -12,8 +12,8 @@
   one (K, B) x (B, D) matmul; rows outside ``U`` are neither read nor written, so
   the update equals dense SGD over all C rows exactly (their gradient is zero).
 * :func:`full_softmax_stats` evaluates the real objective, the softmax CE over all C
-  classes, and the rank of the true class, in (rows x classes) chunks of bounded
-  memory; never an N x C matrix.
+  classes, and the rank of the true class, in cache-sized (rows x classes) blocks
+  with an online logsumexp; never an N x C matrix.
 """
 
 from __future__ import annotations
@@ -117,6 +117,10 @@ def sparse_sgd_step(weight: Tensor, batch: InBatch, grad_logits: Tensor, lr: flo
     return new_rows
 
 
+#: (rows, classes) of one CPU evaluation block: 8 MB of float32 scores, cache-sized
+CPU_BLOCK = (256, 8192)
+
+
 def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, total, size):
         yield start, min(start + size, total)
@@ -124,7 +128,7 @@ def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
 
 @torch.no_grad()
 def full_softmax_stats(features: Tensor, labels: Tensor, weight: Tensor, class_chunk: int = 32768,
-                       class_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                       class_offset: int = 0, row_chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row full-softmax statistics over the classes of ``weight``.
 
     Returns ``(lse, target, rank)``, each (n,): ``lse_i = logsumexp_c w_c . x_i``,
@@ -134,7 +138,7 @@ def full_softmax_stats(features: Tensor, labels: Tensor, weight: Tensor, class_c
     which must be final: pass ``target`` separately via
     :func:`full_softmax_stats_with_target` when classes are sharded).
     CE = lse - target; top-k correct iff rank < k (ties count in the model's
-    favour). Memory: one (n, class_chunk) block at a time.
+    favour). Memory: one (row_chunk, class_chunk) block of scores at a time.
     """
     x = features.to(device=weight.device, dtype=weight.dtype)
     y = labels.to(device=weight.device, dtype=torch.long) - class_offset
@@ -143,24 +147,52 @@ def full_softmax_stats(features: Tensor, labels: Tensor, weight: Tensor, class_c
     target = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     if owned.any():
         target[owned] = (x[owned] * weight.index_select(0, y[owned])).sum(dim=1)
-    lse, rank = full_softmax_stats_with_target(x, y, weight, target, class_chunk)
+    lse, rank = full_softmax_stats_with_target(x, y, weight, target, class_chunk, row_chunk)
     return lse, target, rank
 
 
 @torch.no_grad()
 def full_softmax_stats_with_target(x: Tensor, y: Tensor, weight: Tensor, target: Tensor,
-                                   class_chunk: int = 32768) -> tuple[Tensor, Tensor]:
+                                   class_chunk: int = 32768, row_chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """``(lse, rank)`` over this weight's classes given the final ``target`` logits;
-    ``y`` is local (own class excluded from the rank where ``0 <= y < C``)."""
+    ``y`` is local (own class excluded from the rank where ``0 <= y < C``).
+
+    Blocked and online: a (row_chunk, class_chunk) block of scores at a time (the only
+    temporary that grows with the chunk sizes), small enough to stay in cache across
+    the few passes that follow its GEMM: the running max and rescaled sum of an
+    online logsumexp, and the count of classes scoring above the target. The own
+    class is discounted from the count instead of being masked (no write into the
+    block). ``row_chunk=None``: all rows at once on an accelerator; on the CPU,
+    blocks of at most :data:`CPU_BLOCK` (rows, classes), which measured fastest
+    (``benchmarks/evaluate.py``)."""
     n, num_classes = x.shape[0], weight.shape[0]
-    lse = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
+    lse = torch.empty(n, dtype=x.dtype, device=x.device)
     rank = torch.zeros(n, dtype=torch.long, device=x.device)
-    rows = torch.arange(n, device=x.device)
-    for start, stop in _chunks(num_classes, class_chunk):
-        scores = x @ weight[start:stop].T
-        lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
-        inside = (y >= start) & (y < stop)
-        if inside.any():
-            scores[rows[inside], y[inside] - start] = float("-inf")
-        rank += (scores > target[:, None]).sum(dim=1)
+    if x.device.type == "cpu":
+        row_chunk = min(row_chunk or CPU_BLOCK[0], CPU_BLOCK[0])
+        class_chunk = min(class_chunk, CPU_BLOCK[1])
+    row_chunk = max(1, min(row_chunk or n, n))
+    class_chunk = max(1, min(class_chunk, num_classes))
+    # comparison flags as 0.0/1.0 floats: much faster to write and sum than a bool
+    # mask; the per-block counts (<= class_chunk < 2^24) are exact in float32
+    class_chunk = min(class_chunk, 1 << 23)
+    block = torch.empty(row_chunk, class_chunk, dtype=x.dtype, device=x.device)
+    flags = torch.empty(block.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                        device=x.device)
+    for r0, r1 in _chunks(n, row_chunk):
+        xr, yr, tr = x[r0:r1], y[r0:r1], target[r0:r1, None]
+        run_max = torch.full((r1 - r0,), float("-inf"), dtype=x.dtype, device=x.device)
+        run_sum = torch.zeros(r1 - r0, dtype=x.dtype, device=x.device)
+        for c0, c1 in _chunks(num_classes, class_chunk):
+            scores = block[:r1 - r0, :c1 - c0]
+            torch.mm(xr, weight[c0:c1].T, out=scores)
+            above = torch.gt(scores, tr, out=flags[:r1 - r0, :c1 - c0]).sum(dim=1).long()
+            inside = (yr >= c0) & (yr < c1)
+            own = scores.gather(1, (yr - c0).clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
+            rank[r0:r1] += above - (inside & (own > tr.squeeze(1))).long()
+            new_max = torch.maximum(run_max, scores.amax(dim=1))
+            run_sum.mul_(torch.exp(run_max - new_max))
+            run_sum.add_(scores.sub_(new_max[:, None]).exp_().sum(dim=1))
+            run_max = new_max
+        lse[r0:r1] = run_sum.log_().add_(run_max)
     return lse, rank

@@ -35,6 +35,7 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -174,13 +175,16 @@ class _DualLoss(nn.Module):
         self.nu[index] = nu_new.to(self.nu.dtype)
         self.nu_set[index] = True
 
-    def _exp_weights(self, logits: Tensor, nu: Tensor) -> Tensor:
-        """``G = exp(z - nu) / (B m)``, recording in ``self.overflow`` (a 0-dim bool
-        tensor, no sync) whether an exponent had to be saturated, i.e. the exact
-        arithmetic leaves the dtype's safe range: the trainer treats that as
-        divergence, where the seed's code would start producing inf/NaN."""
-        self.overflow = (logits - nu[:, None]).amax() > max_exponent(logits.dtype)
-        return _exp_weights(logits, nu)
+    def _exp_weights(self, rows: "_RowExp", nu: Tensor) -> Tensor:
+        """``G = exp(z - nu) / (B m)`` from the row exponentials of the logits,
+        recording in ``self.overflow`` (a 0-dim bool tensor) whether an exponent had
+        to be saturated, i.e. the exact arithmetic leaves the dtype's safe range: the
+        trainer treats that as divergence, where the seed's code would start
+        producing inf/NaN. (``max_ij (z_ij - nu_i) = max_i (M_i - nu_i)``: B values,
+        not a pass over the (B, K) matrix.)"""
+        shift = rows.row_max - nu
+        self.overflow = shift.amax() > max_exponent(shift.dtype)
+        return rows.weights(nu, shift, self.overflow)
 
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -211,9 +215,43 @@ def _check_batch(logits: Tensor, index: Tensor) -> None:
 
 
 def _exp_weights(logits: Tensor, nu: Tensor) -> Tensor:
-    """``G_ij = exp(z_ij - nu_i) / (B m)``; zero at excluded entries."""
+    """``G_ij = exp(z_ij - nu_i) / (B m)``; zero at excluded entries. (The plain
+    formula; the algorithms compute the same through :class:`_RowExp`.)"""
     B, K = logits.shape
     return _saturated_exp(logits - nu[:, None]) / (B * (K - 1))
+
+
+class _RowExp:
+    """One pass of ``exp`` over the (B, K) logits, shared by ``log s`` and ``G``.
+
+    ``E_ij = exp(z_ij - M_i)`` with ``M_i = max_j z_ij`` (finite: a row has m >= 1
+    finite entries) gives ``log s_i = log sum_j E_ij + M_i - log m``, and then
+    ``exp(z_ij - nu_i) = E_ij exp(M_i - nu_i)``: the gradient weights are a per-row
+    rescaling of ``E``, in place, instead of a second exp over the matrix. Where
+    ``M_i - nu_i`` exceeds :func:`max_exponent` (so that the saturation of
+    ``exp(z - nu)`` could bind) the row falls back to the plain formula, which keeps
+    the saturated values exactly as :func:`_exp_weights` defines them."""
+
+    def __init__(self, logits: Tensor):
+        self.logits = logits
+        self.row_max = logits.amax(dim=1)
+        self.E = torch.exp(logits - self.row_max[:, None])
+        self.log_sum = torch.log(self.E.sum(dim=1))
+
+    def log_row_stat(self) -> Tensor:
+        return self.log_sum + self.row_max - math.log(self.logits.shape[1] - 1)
+
+    def weights(self, nu: Tensor, shift: Tensor, overflow: Tensor) -> Tensor:
+        """``G_ij = exp(z_ij - nu_i) / (B m)`` (saturated as :func:`_exp_weights`),
+        given ``shift = M - nu`` and ``overflow = max(shift) > max_exponent``;
+        consumes ``E``."""
+        B, K = self.logits.shape
+        scale = 1.0 / (B * (K - 1))
+        G = self.E.mul_((torch.exp(shift) * scale)[:, None])
+        if bool(overflow):  # rare (an ASGD dual far below log s): exact saturation
+            over = shift > max_exponent(shift.dtype)
+            G[over] = _saturated_exp(self.logits[over] - nu[over, None]) * scale
+        return G
 
 
 def _dual_value(log_s: Tensor, nu: Tensor) -> Tensor:
@@ -235,12 +273,13 @@ class SCENT(_DualLoss):
         self.gamma = float(gamma)
 
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
-        log_s = log_row_stat(logits)
+        rows = _RowExp(logits)
+        log_s = rows.log_row_stat()
         nu_old, first = self._read_nu(index, log_s)
         nu_new = torch.where(first, log_s, scent_dual_step(nu_old, log_s, self.gamma))
         self._write_nu(index, nu_new)
         self._value = _dual_value(log_s, nu_new)
-        return self._exp_weights(logits, nu_new)
+        return self._exp_weights(rows, nu_new)
 
 
 class SOX(_DualLoss):
@@ -258,12 +297,13 @@ class SOX(_DualLoss):
         return sox_rate(self.gamma, self.epoch, self.epochs)
 
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
-        log_s = log_row_stat(logits)
+        rows = _RowExp(logits)
+        log_s = rows.log_row_stat()
         nu_old, first = self._read_nu(index, log_s)
         nu_new = torch.where(first, log_s, sox_dual_step(nu_old, log_s, self.rate))
         self._write_nu(index, nu_new)
         self._value = _dual_value(log_s, nu_new)
-        return self._exp_weights(logits, nu_new)
+        return self._exp_weights(rows, nu_new)
 
 
 class ASGD(_DualLoss):
@@ -282,12 +322,13 @@ class ASGD(_DualLoss):
         return asgd_rate(self.gamma, self.epoch, self.epochs)
 
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
-        log_s = log_row_stat(logits)
+        rows = _RowExp(logits)
+        log_s = rows.log_row_stat()
         nu_old, first = self._read_nu(index, log_s)
         nu_new = torch.where(first, log_s, asgd_dual_step(nu_old, log_s, self.rate))
         self._write_nu(index, nu_new)
         self._value = _dual_value(log_s, nu_old)
-        return self._exp_weights(logits, nu_old)
+        return self._exp_weights(rows, nu_old)
 
 
 class UMax(_DualLoss):
@@ -312,7 +353,8 @@ class UMax(_DualLoss):
         return asgd_rate(self.gamma, self.epoch, self.epochs)
 
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
-        log_s = log_row_stat(logits)
+        rows = _RowExp(logits)
+        log_s = rows.log_row_stat()
         nu_old, first = self._read_nu(index, log_s)
         nu_new = torch.where(first, log_s, asgd_dual_step(nu_old, log_s, self.rate))
         if math.isinf(self.delta):  # no reset can fire: plain ASGD
@@ -322,7 +364,7 @@ class UMax(_DualLoss):
             nu_grad = nu_new
         self._write_nu(index, nu_new)
         self._value = _dual_value(log_s, nu_grad)
-        return self._exp_weights(logits, nu_grad)
+        return self._exp_weights(rows, nu_grad)
 
 
 class ASGDSoftplus(_DualLoss):
@@ -354,27 +396,43 @@ class ASGDSoftplus(_DualLoss):
     def rate(self) -> float:
         return asgd_rate(self.gamma, self.epoch, self.epochs)
 
-    def _log_terms(self, logits: Tensor, nu: Tensor) -> tuple[Tensor, Tensor]:
-        """``a_ij = z_ij - nu_i`` and ``log(e/(1 + rho e)) = a - softplus(a + log rho)``."""
-        a = logits - nu[:, None]
-        zero = torch.zeros((), dtype=a.dtype, device=a.device)
-        return a, a - torch.logaddexp(zero, a + math.log(self.rho))
+    def _shifted(self, logits: Tensor, nu: Tensor) -> Tensor:
+        """``x_ij = z_ij - nu_i + log rho``: then ``e/(1 + rho e) = sigmoid(x)/rho``
+        with ``e = exp(z - nu)``, one stable op instead of exp, softplus and a
+        division."""
+        return (logits - nu[:, None]).add_(math.log(self.rho))
+
+    def _log_q(self, x: Tensor) -> Tensor:
+        """``log q_i = log((1/m) sum_j sigmoid(x_ij)/rho)``, in log space."""
+        m = x.shape[1] - 1
+        return torch.logsumexp(F.logsigmoid(x), dim=1) - (math.log(self.rho) + math.log(m))
 
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
         B, K = logits.shape
         m = K - 1
-        zeros = torch.zeros(B, dtype=logits.dtype, device=logits.device)
-        _, log_terms0 = self._log_terms(logits, zeros)
-        log_q0 = torch.logsumexp(log_terms0, dim=1) - math.log(m)
+        fresh = ~self.nu_set[index]
+        any_fresh = bool(fresh.any())
+        # log q at nu = 0 only initialises first visits, log q at the old nu only
+        # steps revisits: each is computed only when some row needs it.
+        if any_fresh:
+            log_q0 = self._log_q(self._shifted(logits, torch.zeros(B, dtype=logits.dtype, device=logits.device)))
+        else:
+            log_q0 = torch.zeros(B, dtype=logits.dtype, device=logits.device)
         nu_old, first = self._read_nu(index, log_q0)
-        a, log_terms = self._log_terms(logits, nu_old)
-        log_q = torch.logsumexp(log_terms, dim=1) - math.log(m)
-        nu_new = torch.where(first, log_q0, nu_old - self.rate * (1.0 - torch.exp(log_q)))
+        x = self._shifted(logits, nu_old)
+        terms = torch.sigmoid(x)  # rho e/(1 + rho e): both q (revisits) and G need it
+        if any_fresh and bool(first.all()):
+            nu_new = log_q0
+        else:
+            # the dual step needs q itself, not its log: q = sum_j sigmoid(x_ij) / (rho m)
+            q = terms.sum(dim=1) / (self.rho * m)
+            nu_new = torch.where(first, log_q0, nu_old - self.rate * (1.0 - q))
         self._write_nu(index, nu_new)
-        zero = torch.zeros((), dtype=a.dtype, device=a.device)
-        # (1/rho) log(1 + rho e) summed over valid entries (softplus(-inf) = 0)
-        self._value = (torch.logaddexp(zero, a + math.log(self.rho)).sum() / (self.rho * B * m))
-        return torch.exp(log_terms) / (B * m)
+        # (1/rho) log(1 + rho e) = softplus(x) / rho summed over valid entries
+        # (softplus(-inf) = 0; F.softplus returns x above x = 20, where the true value
+        # differs by < 2.1e-9: below float32 rounding of a value over 20)
+        self._value = F.softplus(x).sum() / (self.rho * B * m)
+        return terms.mul_(1.0 / (self.rho * B * m))
 
 
 class BSGD(nn.Module):
@@ -399,9 +457,10 @@ class BSGD(nn.Module):
         self.epoch, self.epochs = int(epoch), int(epochs)
 
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
-        lse = torch.logsumexp(logits, dim=1)
-        self._value = lse.mean()
-        return torch.exp(logits - lse[:, None]) / logits.shape[0]
+        rows = _RowExp(logits)
+        self._value = (rows.log_sum + rows.row_max).mean()
+        # softmax / B = E / (B sum_j E): a per-row rescaling of E, in place
+        return rows.E.div_((rows.E.sum(dim=1) * logits.shape[0])[:, None])
 
     def forward(self, logits: Tensor, index: Tensor) -> Tensor:
         _check_batch(logits, index)
