@@ -24,57 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as cm  # noqa: E402
 
 
-def patch_low_memory() -> None:
-    """The change proposed for ``xcent.data`` (applied here to a child process only).
-
-    Random rows read through a memory map are mapped into the process a whole page
-    cache folio at a time (with fault-around, far more than the 1 KB row), so over an
-    epoch the split's file pages all end up counted in the resident set, and
-    ``madvise(MADV_DONTNEED)`` cannot keep up (measured: releasing every 32 steps
-    still let 1 GB of a 1 GB file in). So: ``Split.gather`` reads its rows with
-    ``os.preadv`` into a fresh (B, D) buffer (the page cache still serves them,
-    nothing is mapped), and the load-time NaN/Inf scan releases each 64K-row chunk
-    with ``madvise(MADV_DONTNEED)`` after checking it."""
-    import mmap
-    import os
-
-    import numpy as np
-    import torch
-
-    import xcent.data as xd
-
-    gather, load = xd.Split.gather, xd.load_split
-    fds = {}
-
-    def gather_pread(self, index):
-        feats = self.features
-        if not isinstance(feats, np.memmap):
-            return gather(self, index)
-        fd = fds.get(self.feature_files[0])
-        if fd is None:
-            fd = fds[self.feature_files[0]] = os.open(self.feature_files[0], os.O_RDONLY)
-        row = feats.shape[1] * feats.itemsize
-        out = np.empty((len(index), feats.shape[1]), dtype=feats.dtype)
-        buf = memoryview(out).cast("B")
-        for j, i in enumerate(index.tolist()):
-            os.preadv(fd, [buf[j * row:(j + 1) * row]], feats.offset + i * row)
-        return torch.from_numpy(out), self.labels.index_select(0, index)
-
-    def load_released(data_dir, name, check_features=True):
-        split = load(data_dir, name, False)
-        mm = getattr(split.features, "_mmap", None)
-        if check_features:
-            for start in range(0, split.num_samples, xd._CHECK_CHUNK_ROWS):
-                if not np.isfinite(split.features[start:start + xd._CHECK_CHUNK_ROWS]).all():
-                    raise xd.UsageError(f"{split.feature_files[0]}: non-finite (NaN/Inf) feature value")
-                if mm is not None:
-                    mm.madvise(mmap.MADV_DONTNEED)
-        return split
-
-    xd.Split.gather = gather_pread
-    xd.load_split = load_released
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -85,14 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--tmp", default=None)
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the child")
     p.add_argument("--release-pages", action="store_true",
-                   help="also run with the proposed xcent.data change (pread gathers, released NaN scan)")
-    p.add_argument("--child-train", nargs=argparse.REMAINDER, default=None, help=argparse.SUPPRESS)
+                   help="also run xcent train --low-memory true (feature pages unmapped after every batch)")
     a = p.parse_args(argv)
-    if a.child_train is not None:
-        patch_low_memory()
-        from xcent.cli import main as xcent_main
-
-        return xcent_main(a.child_train)
     if a.full:
         a.rows = 4_000_000
     print(f"machine: {cm.machine()}; the xcent child runs with "
@@ -112,8 +55,7 @@ def main(argv=None) -> int:
                "--train-eval-size", "2000", "--device", "cpu", "--name", "mem"]
         variants = [("xcent train as committed", cmd)]
         if a.release_pages:
-            variants.append(("with the proposed data.py pread gather",
-                             [sys.executable, __file__, "--child-train"] + cmd[3:] + ["--overwrite", "true"]))
+            variants.append(("xcent train --low-memory true", cmd + ["--overwrite", "true", "--low-memory", "true"]))
         results = []
         for label, command in variants:
             r = cm.run_watched(command, env=env)

@@ -79,6 +79,15 @@ def test_saved_config_is_a_valid_config_file(tiny_data, tmp_path):
     assert torch.equal(a, load_ckpt(tmp_path / "again" / "checkpoints" / "epoch_1.pt")["weight"])
 
 
+def test_low_memory_gives_identical_results(tiny_data, tmp_path):
+    train(config(tiny_data, tmp_path, "a", "--epochs", 1, "--batch-size", 64), echo=lambda *_: None)
+    train(config(tiny_data, tmp_path, "b", "--epochs", 1, "--batch-size", 64, "--low-memory", "true"),
+          echo=lambda *_: None)
+    a = load_ckpt(tmp_path / "a" / "checkpoints" / "epoch_1.pt")
+    b = load_ckpt(tmp_path / "b" / "checkpoints" / "epoch_1.pt")
+    assert torch.equal(a["weight"], b["weight"]) and torch.equal(a["nu"], b["nu"])
+
+
 def test_python_m_xcent_runs(tiny_data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "xcent", "train", *run_args(tiny_data, tmp_path, "m", "--epochs", 1,
                                                                              "--batch-size", 64)],

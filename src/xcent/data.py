@@ -11,6 +11,7 @@ row) are read into memory. Batches are gathered with one fancy-index per batch.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,17 @@ class Split:
     features: object  # np.memmap / np.ndarray or a (possibly mmap'd) torch.Tensor
     labels: Tensor
     feature_files: list[Path] = field(default_factory=list)
+    #: unmap the feature pages after every read (``--low-memory``, ``.npy`` splits)
+    release_pages: bool = False
+
+    def release(self, force: bool = False) -> None:
+        """Drop this process's mapping of the feature file's pages (they stay in the
+        page cache). Random rows read through a memory map are mapped a whole
+        page-cache folio at a time, so without this one epoch leaves the whole file
+        counted in the process's RSS: clean pages the kernel may reclaim, but a
+        number that schedulers and memory limits read."""
+        if (force or self.release_pages) and isinstance(self.features, np.memmap):
+            self.features._mmap.madvise(mmap.MADV_DONTNEED)
 
     @property
     def num_samples(self) -> int:
@@ -50,6 +62,7 @@ class Split:
             feats = self.features.index_select(0, index)
         else:
             feats = torch.from_numpy(np.ascontiguousarray(self.features[index.numpy()]))
+            self.release()
         return feats, self.labels.index_select(0, index)
 
     def chunks(self, rows: Tensor | None = None, chunk_rows: int = 8192) -> Iterator[tuple[Tensor, Tensor]]:
@@ -60,6 +73,7 @@ class Split:
                 feats = self.features[start:stop]
                 if not isinstance(feats, torch.Tensor):
                     feats = torch.from_numpy(np.array(feats))  # copy: a memmap slice is read-only
+                    self.release()
                 yield feats, self.labels[start:stop]
         else:
             for start in range(0, len(rows), chunk_rows):
@@ -145,11 +159,13 @@ def load_split(data_dir: Path, name: str, check_features: bool = True) -> Split:
             if bad.any():
                 row = start + int(np.argwhere(np.asarray(bad.any(1)))[0, 0])
                 raise UsageError(f"{fpath}: non-finite (NaN/Inf) feature value in row {row}")
+            split.release(force=True)  # the scan would otherwise leave the whole file mapped
     return split
 
 
 def load_dataset(data_dir, splits=SPLITS, num_classes: int | None = None, feature_dim: int | None = None,
-                 data_size: int | None = None, required=("train", "val"), check_features: bool = True) -> Dataset:
+                 data_size: int | None = None, required=("train", "val"), check_features: bool = True,
+                 low_memory: bool = False) -> Dataset:
     """Load the splits of ``data_dir`` that exist (those in ``required`` must), validate
     them against each other and against the given sizes (None = infer)."""
     data_dir = Path(data_dir)
@@ -160,6 +176,7 @@ def load_dataset(data_dir, splits=SPLITS, num_classes: int | None = None, featur
         if name not in required and not (data_dir / name).is_dir():
             continue
         loaded[name] = load_split(data_dir, name, check_features)
+        loaded[name].release_pages = low_memory
     dims = {s.feature_dim for s in loaded.values()}
     if len(dims) > 1:
         detail = ", ".join(f"{s.name}: {s.feature_dim}" for s in loaded.values())

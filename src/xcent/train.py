@@ -106,6 +106,9 @@ def build_parser():
     p.add_argument("--eval-chunk-rows", type=int, default=4096, help="rows per evaluation chunk")
     p.add_argument("--check-features", type=bool, default=True, help="scan features for NaN/Inf on load")
     p.add_argument("--overwrite", type=bool, default=False, help="replace an existing run in OUT")
+    p.add_argument("--low-memory", type=bool, default=False,
+                   help="unmap feature pages after every batch (.npy splits): peak RSS stays near the weight "
+                        "instead of growing to the split's size, at about 0.3 ms per step")
     p.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a collective may wait under torchrun before the job fails (a dead peer)")
     return p
@@ -317,7 +320,8 @@ def train(c: dict, echo=print) -> dict:
     from . import distributed as xd
 
     data = load_dataset(c["data_dir"], num_classes=c["num_classes"], feature_dim=c["feature_dim"],
-                        data_size=c["data_size"], check_features=c["check_features"])
+                        data_size=c["data_size"], check_features=c["check_features"],
+                        low_memory=c["low_memory"])
     device = resolve_device(c["device"])
     ctx = xd.init_from_env(device, c["dist_timeout"]) if xd.world_size_from_env() > 1 else None
     try:
