@@ -25,6 +25,11 @@ from .errors import UsageError
 
 SPLITS = ("train", "val", "test")
 _CHECK_CHUNK_ROWS = 1 << 16
+_RELEASE_ROWS = 256
+
+
+def _torch_dtype(np_dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
 
 
 @dataclass
@@ -61,8 +66,17 @@ class Split:
         if isinstance(self.features, torch.Tensor):
             feats = self.features.index_select(0, index)
         else:
-            feats = torch.from_numpy(np.ascontiguousarray(self.features[index.numpy()]))
-            self.release()
+            rows = index.numpy()
+            if self.release_pages and len(rows) > _RELEASE_ROWS:
+                # each random row maps a whole folio: release every few hundred rows
+                feats = torch.empty(len(rows), self.feature_dim, dtype=_torch_dtype(self.features.dtype))
+                for start in range(0, len(rows), _RELEASE_ROWS):
+                    piece = rows[start:start + _RELEASE_ROWS]
+                    feats[start:start + len(piece)] = torch.from_numpy(np.ascontiguousarray(self.features[piece]))
+                    self.release()
+            else:
+                feats = torch.from_numpy(np.ascontiguousarray(self.features[rows]))
+                self.release()
         return feats, self.labels.index_select(0, index)
 
     def chunks(self, rows: Tensor | None = None, chunk_rows: int = 8192) -> Iterator[tuple[Tensor, Tensor]]:

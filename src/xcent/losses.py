@@ -189,10 +189,6 @@ class _DualLoss(nn.Module):
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def surrogate_value(self, logits: Tensor, G: Tensor) -> Tensor:
-        """Value of the minibatch surrogate whose gradient is ``G`` (set by weights)."""
-        return self._value
-
     def forward(self, logits: Tensor, index: Tensor) -> Tensor:
         """Update the duals of ``index`` and return the surrogate loss.
 
