@@ -24,8 +24,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["InBatch", "in_batch_logits", "class_row_gradient", "sparse_sgd_step", "full_softmax_stats",
-           "init_weight"]
+__all__ = ["InBatch", "in_batch_logits", "relative_logits_", "row_gradient_weights_", "sparse_sgd_step",
+           "full_softmax_stats", "target_logits", "init_weight"]
 
 
 @dataclass
@@ -80,26 +80,24 @@ def in_batch_logits(features: Tensor, labels: Tensor, weight: Tensor) -> InBatch
     x = features.to(device=weight.device, dtype=weight.dtype)
     classes, label_pos = torch.unique(labels.to(weight.device), sorted=True, return_inverse=True)
     class_weight = weight.index_select(0, classes)
-    # In place on the fresh (B, K) scores: one allocation, two light passes.
-    logits = x @ class_weight.T
-    own = label_pos[:, None]
-    logits.sub_(logits.gather(1, own))
-    logits.scatter_(1, own, float("-inf"))
+    logits = relative_logits_(x @ class_weight.T, label_pos)
     return InBatch(logits, classes, label_pos, class_weight, x)
 
 
-def _row_gradient_weights(batch: InBatch, grad_logits: Tensor, inplace: bool) -> Tensor:
-    """``M``: ``G`` with ``M[i, pos(y_i)] = -sum_k G_ik`` (``G`` is zero there)."""
-    own = batch.label_pos[:, None]
-    rowsum = grad_logits.sum(dim=1, keepdim=True)
-    if inplace:
-        return grad_logits.scatter_(1, own, rowsum.neg_())
-    return grad_logits.scatter(1, own, rowsum.neg_())
+def relative_logits_(scores: Tensor, label_pos: Tensor) -> Tensor:
+    """In place on the (B, K) in-batch ``scores`` ``w_{U_j} . x_i``: subtract each
+    row's own-class score and set that entry to ``-inf``. One allocation (the
+    caller's), two light passes. Returns ``scores``."""
+    own = label_pos[:, None]
+    scores.sub_(scores.gather(1, own))
+    return scores.scatter_(1, own, float("-inf"))
 
 
-def class_row_gradient(batch: InBatch, grad_logits: Tensor) -> Tensor:
-    """Gradient of the loss w.r.t. the K touched rows, ``(K, D)`` (see module doc)."""
-    return _row_gradient_weights(batch, grad_logits, inplace=False).T @ batch.features
+def row_gradient_weights_(label_pos: Tensor, grad_logits: Tensor) -> Tensor:
+    """``M``, in place on ``G``: ``M[i, pos(y_i)] = -sum_k G_ik`` (``G`` is zero
+    there), so that the gradient of the touched rows is ``M^T X``. Returns ``G``."""
+    own = label_pos[:, None]
+    return grad_logits.scatter_(1, own, grad_logits.sum(dim=1, keepdim=True).neg_())
 
 
 def sparse_sgd_step(weight: Tensor, batch: InBatch, grad_logits: Tensor, lr: float) -> Tensor:
@@ -109,8 +107,7 @@ def sparse_sgd_step(weight: Tensor, batch: InBatch, grad_logits: Tensor, lr: flo
     exact. The new rows are returned so that a caller can check them for
     divergence without reading W again. ``grad_logits`` is consumed (overwritten)
     when it already has the weight's dtype: pass a copy to keep it."""
-    G = grad_logits.to(batch.features.dtype)
-    M = _row_gradient_weights(batch, G, inplace=True)
+    M = row_gradient_weights_(batch.label_pos, grad_logits.to(batch.features.dtype))
     # One fused GEMM: class_weight - lr * M^T X, no (K, D) gradient temporary.
     new_rows = torch.addmm(batch.class_weight, M.T, batch.features, alpha=-lr)
     weight.index_copy_(0, batch.classes, new_rows)
@@ -142,13 +139,19 @@ def full_softmax_stats(features: Tensor, labels: Tensor, weight: Tensor, class_c
     """
     x = features.to(device=weight.device, dtype=weight.dtype)
     y = labels.to(device=weight.device, dtype=torch.long) - class_offset
-    num_classes = weight.shape[0]
-    owned = (y >= 0) & (y < num_classes)
+    target = target_logits(x, y, weight)
+    lse, rank = full_softmax_stats_with_target(x, y, weight, target, class_chunk, row_chunk)
+    return lse, target, rank
+
+
+def target_logits(x: Tensor, y: Tensor, weight: Tensor) -> Tensor:
+    """``w_{y_i} . x_i`` for the rows whose (local) label ``y_i`` is a row of
+    ``weight``, 0 for the others (a class shard sums these over ranks)."""
+    owned = (y >= 0) & (y < weight.shape[0])
     target = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     if owned.any():
         target[owned] = (x[owned] * weight.index_select(0, y[owned])).sum(dim=1)
-    lse, rank = full_softmax_stats_with_target(x, y, weight, target, class_chunk, row_chunk)
-    return lse, target, rank
+    return target
 
 
 @torch.no_grad()

@@ -46,9 +46,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .classifier import full_softmax_stats_with_target
+from .classifier import full_softmax_stats_with_target, relative_logits_, row_gradient_weights_, target_logits
 from .errors import UsageError
-from .step import StepResult
+from .evaluate import summarize
+from .step import StepResult, step_ok
 
 __all__ = ["DistContext", "init_from_env", "gather_batch_rows", "sharded_train_step", "sharded_stats",
            "class_range"]
@@ -139,20 +140,12 @@ def sharded_train_step(shard: Tensor, lo: int, loss_fn, features: Tensor, labels
     scores = torch.zeros(x.shape[0], K, dtype=x.dtype, device=x.device)
     scores[:, a:b] = x @ local_w.T
     dist.all_reduce(scores)
-    rows = torch.arange(x.shape[0], device=x.device)
-    logits = scores - scores[rows, label_pos][:, None]
-    logits[rows, label_pos] = float("-inf")
+    logits = relative_logits_(scores, label_pos)
     G = loss_fn.weights(logits, index.to(shard.device))
-    M = G[:, a:b].clone()
-    own = (label_pos >= a) & (label_pos < b)
-    M[rows[own], label_pos[own] - a] -= G.sum(dim=1)[own]
-    new_rows = local_w - lr * (M.T @ x)
+    M = row_gradient_weights_(label_pos, G)  # (B, K); this rank's columns are a:b
+    new_rows = torch.addmm(local_w, M[:, a:b].T, x, alpha=-lr)
     shard.index_copy_(0, local_rows, new_rows)
-    ok = torch.isfinite(loss_fn._value) & torch.isfinite(new_rows).all()
-    overflow = getattr(loss_fn, "overflow", None)
-    if overflow is not None:
-        ok = ok & ~overflow
-    return StepResult(False, loss_fn._value, ctx.all_ok(bool(ok)), K)
+    return StepResult(False, loss_fn._value, ctx.all_ok(bool(step_ok(loss_fn, new_rows))), K)
 
 
 @torch.no_grad()
@@ -162,10 +155,7 @@ def sharded_stats(features: Tensor, labels: Tensor, shard: Tensor, lo: int, ctx:
     every rank passes the same rows and gets the same result."""
     x = features.to(device=shard.device, dtype=shard.dtype)
     y_local = labels.to(shard.device, torch.long) - lo
-    owned = (y_local >= 0) & (y_local < shard.shape[0])
-    target = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    if owned.any():
-        target[owned] = (x[owned] * shard.index_select(0, y_local[owned])).sum(dim=1)
+    target = target_logits(x, y_local, shard)
     dist.all_reduce(target)
     lse_local, rank = full_softmax_stats_with_target(x, y_local, shard, target, class_chunk)
     pieces = [torch.empty_like(lse_local) for _ in range(ctx.world_size)]
@@ -179,19 +169,15 @@ def sharded_evaluate(split, shard: Tensor, lo: int, ctx: DistContext, rows: Tens
                      chunk_rows: int = 4096, class_chunk: int = 32768) -> dict:
     """:func:`xcent.evaluate.evaluate` with sharded classes: each rank reads a slice of
     every row chunk (all-gathered), the class work is split across ranks."""
-    total = torch.zeros((), dtype=torch.float64)
-    correct1 = correct5 = count = 0
     all_rows = torch.arange(split.num_samples) if rows is None else rows
-    for start in range(0, all_rows.shape[0], chunk_rows):
-        index = all_rows[start:start + chunk_rows]
-        feats = gather_batch_rows(split, index, ctx, shard.dtype)
-        labels = split.labels.index_select(0, index)
-        lse, target, rank = sharded_stats(feats, labels, shard, lo, ctx, class_chunk)
-        total += (lse - target).double().sum().cpu()
-        correct1 += int((rank < 1).sum())
-        correct5 += int((rank < 5).sum())
-        count += int(index.shape[0])
-    return {"loss": float(total) / count, "top1": correct1 / count, "top5": correct5 / count, "num_rows": count}
+
+    def chunk_stats():
+        for start in range(0, all_rows.shape[0], chunk_rows):
+            index = all_rows[start:start + chunk_rows]
+            feats = gather_batch_rows(split, index, ctx, shard.dtype)
+            yield sharded_stats(feats, split.labels.index_select(0, index), shard, lo, ctx, class_chunk)
+
+    return summarize(chunk_stats())
 
 
 def check_world(num_classes: int, world_size: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -27,14 +28,21 @@ def evaluate(split: Split, weight: Tensor, rows: Tensor | None = None, chunk_row
     ``rows``): mean full-softmax CE and top-k accuracy. Reads the split chunk by chunk;
     peak extra memory is one (chunk_rows, class_chunk) block. Never changes any
     training state."""
+    return summarize(full_softmax_stats(feats, labels, weight, class_chunk)
+                     for feats, labels in split.chunks(rows, chunk_rows))
+
+
+def summarize(chunk_stats: Iterable[tuple[Tensor, Tensor, Tensor]]) -> dict:
+    """``{"loss", "top1", "top5", "num_rows"}`` from the ``(lse, target, rank)`` of
+    each chunk (:func:`xcent.classifier.full_softmax_stats` or its class-sharded
+    twin): mean CE ``lse - target``, top-k correct iff ``rank < k``."""
     total_loss = torch.zeros((), dtype=torch.float64)
     correct1 = correct5 = count = 0
-    for feats, labels in split.chunks(rows, chunk_rows):
-        lse, target, rank = full_softmax_stats(feats, labels, weight, class_chunk)
+    for lse, target, rank in chunk_stats:
         total_loss += (lse - target).double().sum().cpu()
         correct1 += int((rank < 1).sum())
         correct5 += int((rank < 5).sum())
-        count += int(labels.shape[0])
+        count += int(rank.shape[0])
     return {"loss": float(total_loss) / count, "top1": correct1 / count, "top5": correct5 / count,
             "num_rows": count}
 

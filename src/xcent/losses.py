@@ -210,13 +210,6 @@ def _check_batch(logits: Tensor, index: Tensor) -> None:
         raise ValueError(f"index must be (B,) = ({logits.shape[0]},), got {tuple(index.shape)}")
 
 
-def _exp_weights(logits: Tensor, nu: Tensor) -> Tensor:
-    """``G_ij = exp(z_ij - nu_i) / (B m)``; zero at excluded entries. (The plain
-    formula; the algorithms compute the same through :class:`_RowExp`.)"""
-    B, K = logits.shape
-    return _saturated_exp(logits - nu[:, None]) / (B * (K - 1))
-
-
 class _RowExp:
     """One pass of ``exp`` over the (B, K) logits, shared by ``log s`` and ``G``.
 
@@ -226,7 +219,7 @@ class _RowExp:
     rescaling of ``E``, in place, instead of a second exp over the matrix. Where
     ``M_i - nu_i`` exceeds :func:`max_exponent` (so that the saturation of
     ``exp(z - nu)`` could bind) the row falls back to the plain formula, which keeps
-    the saturated values exactly as :func:`_exp_weights` defines them."""
+    the saturated values ``exp(min(z - nu, max_exponent)) / (B m)`` exactly."""
 
     def __init__(self, logits: Tensor):
         self.logits = logits
@@ -238,7 +231,7 @@ class _RowExp:
         return self.log_sum + self.row_max - math.log(self.logits.shape[1] - 1)
 
     def weights(self, nu: Tensor, shift: Tensor, overflow: Tensor) -> Tensor:
-        """``G_ij = exp(z_ij - nu_i) / (B m)`` (saturated as :func:`_exp_weights`),
+        """``G_ij = exp(z_ij - nu_i) / (B m)`` (saturated as above),
         given ``shift = M - nu`` and ``overflow = max(shift) > max_exponent``;
         consumes ``E``."""
         B, K = self.logits.shape
@@ -406,8 +399,7 @@ class ASGDSoftplus(_DualLoss):
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
         B, K = logits.shape
         m = K - 1
-        fresh = ~self.nu_set[index]
-        any_fresh = bool(fresh.any())
+        any_fresh = bool((~self.nu_set[index]).any())
         # log q at nu = 0 only initialises first visits, log q at the old nu only
         # steps revisits: each is computed only when some row needs it.
         if any_fresh:
@@ -431,36 +423,20 @@ class ASGDSoftplus(_DualLoss):
         return terms.mul_(1.0 / (self.rho * B * m))
 
 
-class BSGD(nn.Module):
+class BSGD(_DualLoss):
     """BSGD: biased SGD on the primal, no dual. ``L = (1/B) sum_i logsumexp_j z_ij``,
     so ``G_ij = softmax_j(z_i)_j / B``.
 
     ``nu``/``nu_set`` exist (all unset, never written) so that every algorithm has
-    the same state layout."""
+    the same state layout; there is no schedule."""
 
     name = "bsgd"
-
-    def __init__(self, num_samples: int, dtype=torch.float32):
-        super().__init__()
-        self.num_samples = int(num_samples)
-        self.register_buffer("nu", torch.full((num_samples,), float("nan"), dtype=dtype))
-        self.register_buffer("nu_set", torch.zeros(num_samples, dtype=torch.bool))
-        self.epoch, self.epochs = 1, 1
-
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        if not 1 <= epoch <= epochs:
-            raise ValueError(f"epoch must be in [1, {epochs}], got {epoch}")
-        self.epoch, self.epochs = int(epoch), int(epochs)
 
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
         rows = _RowExp(logits)
         self._value = (rows.log_sum + rows.row_max).mean()
         # softmax / B = E / (B sum_j E): a per-row rescaling of E, in place
         return rows.E.div_((rows.E.sum(dim=1) * logits.shape[0])[:, None])
-
-    def forward(self, logits: Tensor, index: Tensor) -> Tensor:
-        _check_batch(logits, index)
-        return torch.logsumexp(logits, dim=1).mean()
 
 
 #: name -> constructor(num_samples, **hparams)

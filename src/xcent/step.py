@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .classifier import in_batch_logits, sparse_sgd_step
 
-__all__ = ["StepResult", "train_step"]
+__all__ = ["StepResult", "train_step", "step_ok"]
 
 
 @dataclass
@@ -46,14 +46,17 @@ def train_step(weight: Tensor, loss_fn: nn.Module, features: Tensor, labels: Ten
     grad_logits = loss_fn.weights(batch.logits, index.to(weight.device))
     new_rows = sparse_sgd_step(weight, batch, grad_logits, lr)
     loss = loss_fn._value
-    finite = True
-    if check_finite:
-        # One pass: a float64 sum of float32 rows cannot overflow, so it is finite
-        # exactly when every entry is (inf and NaN propagate; inf - inf is NaN).
-        # (float64 weights: only with entries beyond ~1e304, far past divergence.)
-        ok = torch.isfinite(new_rows.sum(dtype=torch.float64) + loss)
-        overflow = getattr(loss_fn, "overflow", None)  # exact arithmetic left the dtype's range
-        if overflow is not None:
-            ok = ok & ~overflow
-        finite = bool(ok)
+    finite = bool(step_ok(loss_fn, new_rows)) if check_finite else True
     return StepResult(False, loss, finite, batch.num_distinct)
+
+
+def step_ok(loss_fn: nn.Module, new_rows: Tensor) -> Tensor:
+    """0-dim bool tensor (no sync): the step's surrogate and new rows are finite and
+    the algorithm's exact arithmetic stayed in range (``loss_fn.overflow``).
+
+    One pass: a float64 sum of float32 rows cannot overflow, so it is finite exactly
+    when every entry is (inf and NaN propagate; inf - inf is NaN). (float64 weights:
+    only with entries beyond ~1e304, far past divergence.)"""
+    ok = torch.isfinite(new_rows.sum(dtype=torch.float64) + loss_fn._value)
+    overflow = getattr(loss_fn, "overflow", None)
+    return ok if overflow is None else ok & ~overflow
