@@ -70,13 +70,16 @@ def load_rows(path, lo: int, hi: int) -> torch.Tensor:
     return weight[lo:hi].clone()
 
 
-def load(path, map_location="cpu", mmap: bool = False) -> dict:
+def load(path, map_location="cpu", mmap: bool = False, weight: bool = True) -> dict:
     """Load and sanity-check a checkpoint file or sharded directory (assembled into one
-    dict); a one-line ``UsageError`` if it is not one."""
+    dict); a one-line ``UsageError`` if it is not one. ``weight=False`` leaves a
+    sharded checkpoint's rows on disk (the dict then has no ``weight``): resume reads
+    only its metadata and duals, each rank then :func:`load_rows` its own classes."""
     path = Path(path)
     if path.is_dir():
         ckpt = dict(_load_manifest(path))
-        ckpt["weight"] = load_rows(path, 0, ckpt["num_classes"])
+        if weight:
+            ckpt["weight"] = load_rows(path, 0, ckpt["num_classes"])
         return ckpt
     if not path.is_file():
         raise UsageError(f"checkpoint {path}: no such file")

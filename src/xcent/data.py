@@ -28,6 +28,12 @@ _CHECK_CHUNK_ROWS = 1 << 16
 _RELEASE_ROWS = 256
 
 
+def _release_pages(features) -> None:
+    """Unmap a numpy memmap's pages from this process (see :meth:`Split.release`)."""
+    if isinstance(features, np.memmap):
+        features._mmap.madvise(mmap.MADV_DONTNEED)
+
+
 def _torch_dtype(np_dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
 
@@ -50,8 +56,8 @@ class Split:
         page-cache folio at a time, so without this one epoch leaves the whole file
         counted in the process's RSS: clean pages the kernel may reclaim, but a
         number that schedulers and memory limits read."""
-        if (force or self.release_pages) and isinstance(self.features, np.memmap):
-            self.features._mmap.madvise(mmap.MADV_DONTNEED)
+        if force or self.release_pages:
+            _release_pages(self.features)
 
     @property
     def num_samples(self) -> int:
@@ -143,6 +149,30 @@ _FLOAT_DTYPES_NP = (np.float16, np.float32, np.float64)
 _FLOAT_DTYPES_T = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_feature_array(features, where: str) -> None:
+    """An (N, D) array of a float dtype, or a one-line UsageError prefixed by ``where``
+    (the file, or the flag and the file)."""
+    if features.ndim != 2:
+        raise UsageError(f"{where}: features must be (N, D), found shape {tuple(features.shape)}")
+    ok_dtype = (features.dtype in _FLOAT_DTYPES_T if isinstance(features, torch.Tensor)
+                else features.dtype.type in _FLOAT_DTYPES_NP)
+    if not ok_dtype:
+        raise UsageError(f"{where}: features must be float16/bfloat16/float32/float64, found {features.dtype}")
+
+
+def first_nonfinite_row(features, chunk_rows: int = _CHECK_CHUNK_ROWS) -> int | None:
+    """The first row holding a NaN/Inf, scanning in chunks (memory-mapped pages are
+    released after each, so the scan does not leave the whole file mapped), or None."""
+    for start in range(0, features.shape[0], chunk_rows):
+        chunk = features[start:start + chunk_rows]
+        bad = ((~torch.isfinite(chunk)).any(dim=1).numpy() if isinstance(chunk, torch.Tensor)
+               else ~np.isfinite(chunk).all(axis=1))
+        _release_pages(features)
+        if bad.any():
+            return start + int(np.flatnonzero(bad)[0])
+    return None
+
+
 def load_split(data_dir: Path, name: str, check_features: bool = True) -> Split:
     """Load and validate one split (shapes, dtypes, finite features)."""
     directory = Path(data_dir) / name
@@ -155,25 +185,14 @@ def load_split(data_dir: Path, name: str, check_features: bool = True) -> Split:
         raise UsageError(f"{directory}: no labels.npy or labels.pt")
     features = _load_array(fpath)
     labels = _labels_tensor(_load_array(lpath), lpath)
-    if features.ndim != 2:
-        raise UsageError(f"{fpath}: features must be (N, D), found shape {tuple(features.shape)}")
-    ok_dtype = (features.dtype in _FLOAT_DTYPES_T if isinstance(features, torch.Tensor)
-                else features.dtype.type in _FLOAT_DTYPES_NP)
-    if not ok_dtype:
-        raise UsageError(f"{fpath}: features must be float16/bfloat16/float32/float64, found {features.dtype}")
+    check_feature_array(features, str(fpath))
     if features.shape[0] != labels.shape[0]:
         raise UsageError(f"{fpath}: {features.shape[0]} feature rows but {lpath.name} has {labels.shape[0]} labels")
     if labels.shape[0] == 0:
         raise UsageError(f"{directory}: the {name} split is empty")
     split = Split(name, directory, features, labels, [fpath, lpath])
-    if check_features:
-        for start in range(0, split.num_samples, _CHECK_CHUNK_ROWS):
-            chunk = features[start:start + _CHECK_CHUNK_ROWS]
-            bad = (~torch.isfinite(chunk)) if isinstance(chunk, torch.Tensor) else ~np.isfinite(chunk)
-            if bad.any():
-                row = start + int(np.argwhere(np.asarray(bad.any(1)))[0, 0])
-                raise UsageError(f"{fpath}: non-finite (NaN/Inf) feature value in row {row}")
-            split.release(force=True)  # the scan would otherwise leave the whole file mapped
+    if check_features and (row := first_nonfinite_row(features)) is not None:
+        raise UsageError(f"{fpath}: non-finite (NaN/Inf) feature value in row {row}")
     return split
 
 

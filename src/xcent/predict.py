@@ -41,7 +41,6 @@ __all__ = ["Classifier", "TopK", "load_model", "topk_softmax", "read_label_names
 EXPORT_FORMAT = "xcent-export-v1"
 DEFAULT_CHUNK_ROWS = 1024
 DEFAULT_CLASS_CHUNK = 16384
-_SCAN_ROWS = 1 << 15
 
 
 # --------------------------------------------------------------------------- loading
@@ -394,7 +393,7 @@ def load_features(path, feature_dim: int, flag: str = "--features", check_finite
     """Memory-map an (N, D) float ``.npy`` or ``.pt`` feature file and validate it:
     shape, dtype, ``D == feature_dim`` and (``check_finite``) no NaN/Inf, scanned
     before any work so that a bad row fails fast and no output is touched."""
-    from .data import _FLOAT_DTYPES_NP, _FLOAT_DTYPES_T, _load_array
+    from .data import _load_array, check_feature_array, first_nonfinite_row
 
     path = Path(path)
     if not path.is_file():
@@ -405,22 +404,12 @@ def load_features(path, feature_dim: int, flag: str = "--features", check_finite
         feats = _load_array(path)
     except UsageError as exc:
         raise UsageError(f"{flag} {exc}")
-    if feats.ndim != 2:
-        raise UsageError(f"{flag} {path}: features must be (N, D), found shape {tuple(feats.shape)}")
-    ok = (feats.dtype in _FLOAT_DTYPES_T if isinstance(feats, Tensor) else feats.dtype.type in _FLOAT_DTYPES_NP)
-    if not ok:
-        raise UsageError(f"{flag} {path}: features must be float16/bfloat16/float32/float64, found {feats.dtype}")
+    check_feature_array(feats, f"{flag} {path}")
     if feats.shape[1] != feature_dim:
         raise UsageError(f"{flag} {path}: feature dimension {feats.shape[1]} does not match the "
                          f"checkpoint's feature_dim {feature_dim}")
-    if check_finite:
-        for start in range(0, feats.shape[0], _SCAN_ROWS):
-            chunk = feats[start:start + _SCAN_ROWS]
-            bad = (~torch.isfinite(chunk).all(dim=1)).numpy() if isinstance(chunk, Tensor) \
-                else ~np.isfinite(chunk).all(axis=1)
-            if bad.any():
-                row = start + int(np.flatnonzero(bad)[0])
-                raise UsageError(f"{flag} {path}: non-finite (NaN/Inf) value in row {row}")
+    if check_finite and (row := first_nonfinite_row(feats)) is not None:
+        raise UsageError(f"{flag} {path}: non-finite (NaN/Inf) value in row {row}")
     return feats
 
 

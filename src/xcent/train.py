@@ -341,7 +341,7 @@ def _train(c, data, device, ctx, echo) -> dict:
         resume_path = ckpt_io.latest(run.checkpoints) if c["resume"] == "latest" else Path(c["resume"])
         if resume_path is None:
             raise UsageError(f"--resume latest: no checkpoint in {run.checkpoints}")
-        resume_ckpt = ckpt_io.load(resume_path, mmap=True)
+        resume_ckpt = ckpt_io.load(resume_path, mmap=True, weight=False)  # the engine reads its rows
         ckpt_io.check_compatible(resume_ckpt, resume_path, c["algorithm"], data.num_classes, data.feature_dim,
                                  data.train.num_samples)
         if resume_ckpt["epoch"] >= c["epochs"]:
