@@ -115,6 +115,20 @@ def temp_dir(prefix: str = "xcent-bench-", keep: bool = False, base: str | None 
             shutil.rmtree(path, ignore_errors=True)
 
 
+def child_env(script: str, argv, threads: int | None) -> dict:
+    """Print the machine and the command line, and return the environment of the
+    ``xcent`` child processes (``OMP_NUM_THREADS=threads`` when given)."""
+    import sys
+
+    print(f"machine: {machine()}; the xcent child runs with "
+          f"{'OMP_NUM_THREADS=' + str(threads) if threads else 'default threads'}")
+    print(f"command: python benchmarks/{script} {' '.join(argv if argv is not None else sys.argv[1:])}")
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 def check_disk(path, need_bytes: int) -> None:
     free = shutil.disk_usage(path).free
     if free < need_bytes * 1.2:

@@ -21,30 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as cm  # noqa: E402
 from xcent.classifier import init_weight  # noqa: E402
 from xcent.data import load_split  # noqa: E402
 from xcent.losses import build  # noqa: E402
 from xcent.step import train_step  # noqa: E402
-
-
-def make_split(root: Path, num_rows: int, dim: int, num_classes: int, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    d = root / "train"
-    d.mkdir(parents=True, exist_ok=True)
-    x = np.lib.format.open_memmap(d / "features.npy", mode="w+", dtype=np.float16, shape=(num_rows, dim))
-    for s in range(0, num_rows, 65536):
-        e = min(s + 65536, num_rows)
-        x[s:e] = rng.standard_normal((e - s, dim)).astype(np.float16) / np.sqrt(dim)
-    x.flush()
-    np.save(d / "labels.npy", rng.integers(0, num_classes, num_rows))
-    return root
 
 
 class ByteCounter:
@@ -124,7 +112,8 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads shared by all processes")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = make_split(Path(tmp), args.rows, args.feature_dim, args.num_classes)
+        data_dir = Path(tmp)
+        cm.write_split(data_dir / "train", args.rows, args.num_classes, args.feature_dim)
         base = single_process(args, data_dir)
         print(f"C={args.num_classes} D={args.feature_dim} B={args.batch_size} on {os.cpu_count()} cores, "
               f"median of {args.steps} steps")

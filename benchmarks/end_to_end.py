@@ -14,7 +14,6 @@ all with full-softmax CE over every class.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -36,12 +35,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.full:
         a.classes, a.rows = cm.GLINT_CLASSES, 2_000_000
-    print(f"machine: {cm.machine()}; the xcent child runs with "
-          f"{'OMP_NUM_THREADS=' + str(a.threads) if a.threads else 'default threads'}")
-    print(f"command: python benchmarks/end_to_end.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    env = dict(os.environ)
-    if a.threads:
-        env["OMP_NUM_THREADS"] = str(a.threads)
+    env = cm.child_env("end_to_end.py", argv, a.threads)
     total = round(a.rows / (1 - 2 * a.held_fraction))
     with cm.temp_dir(base=a.tmp) as tmp:
         cm.check_disk(tmp, total * a.dim * 2)

@@ -38,14 +38,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.full:
         a.rows = 4_000_000
-    print(f"machine: {cm.machine()}; the xcent child runs with "
-          f"{'OMP_NUM_THREADS=' + str(a.threads) if a.threads else 'default threads'}")
-    print(f"command: python benchmarks/memory.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    import os
-
-    env = dict(os.environ)
-    if a.threads:
-        env["OMP_NUM_THREADS"] = str(a.threads)
+    env = cm.child_env("memory.py", argv, a.threads)
     with cm.temp_dir(base=a.tmp) as tmp:
         cm.check_disk(tmp, (a.rows + a.val_rows) * a.dim * 2)
         cm.write_split(tmp / "data" / "train", a.rows, a.classes, a.dim, seed=0)
@@ -53,7 +46,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "xcent", "train", "--data-dir", str(tmp / "data"), "--out-dir", str(tmp / "out"),
                "--algorithm", "scent", "--epochs", "1", "--batch-size", "128", "--num-classes", str(a.classes),
                "--train-eval-size", "2000", "--device", "cpu", "--name", "mem"]
-        variants = [("xcent train as committed", cmd)]
+        variants = [("xcent train (default)", cmd)]
         if a.release_pages:
             variants.append(("xcent train --low-memory true", cmd + ["--overwrite", "true", "--low-memory", "true"]))
         results = []
