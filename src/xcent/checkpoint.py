@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .fileio import atomic_path
 
 FORMAT = "xcent-checkpoint-v1"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)(\.pt)?$")
@@ -33,9 +34,8 @@ def save_atomic(obj, path) -> None:
     crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _torch_load(path: Path, what: str, map_location="cpu", mmap: bool = False):

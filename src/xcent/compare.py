@@ -26,9 +26,7 @@ import argparse
 import itertools
 import json
 import math
-import os
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -36,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .fileio import atomic_path, write_text_atomic
 from .losses import ALGORITHMS
 
 #: The paper's legend order, display names and colours (one per algorithm).
@@ -87,12 +86,6 @@ DEMO_CACHE = "compare-demo-v1"
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -260,9 +253,8 @@ def save_figure(fig, path: Path, fmt: str | None = None) -> None:
     """Save atomically (temp file in the same directory, then rename)."""
     path = Path(path)
     fmt = fmt or path.suffix.lstrip(".").lower()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format=fmt, dpi=150)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=150)
 
 
 # ----------------------------------------------------------------------------- planning runs
@@ -385,18 +377,9 @@ def build_parser() -> _Parser:
 
 
 def _demo_data_dir(data_dir: str | None) -> Path:
-    from .data import synthesize
+    from .data import cached_synthetic
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    path = Path(data_dir) if data_dir else cache / "xcent" / DEMO_CACHE
-    if not (path / "val").is_dir():
-        print(f"xcent compare: writing the demo dataset to {path}", flush=True)
-        tmp = path.with_name(path.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        synthesize(tmp, **DEMO_DATA)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, path)
-    return path
+    return cached_synthetic(data_dir, DEMO_CACHE, DEMO_DATA, announce="xcent compare")
 
 
 @dataclass
@@ -614,7 +597,7 @@ def execute(plan: Plan, echo=print) -> dict[str, str]:
         except Exception as exc:  # a failed run is recorded; the others go on
             message = " ".join(str(exc).split()) or type(exc).__name__
             run.path.mkdir(parents=True, exist_ok=True)
-            _write_atomic(run.path / FAILED_FILE, json.dumps({"error": type(exc).__name__, "message": message}))
+            write_text_atomic(run.path / FAILED_FILE, json.dumps({"error": type(exc).__name__, "message": message}))
             echo(f"[{i}/{len(plan.runs)}] {spec.name}: FAILED ({type(exc).__name__}: {message})")
             states[spec.name] = "failed"
     return states
@@ -794,8 +777,8 @@ def _figure_title(summary: dict) -> str:
 
 def write_outputs(summary: dict, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
-    _write_atomic(out_dir / "compare.json", json.dumps(summary, indent=1) + "\n")
-    _write_atomic(out_dir / "compare.md", render_markdown(summary))
+    write_text_atomic(out_dir / "compare.json", json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out_dir / "compare.md", render_markdown(summary))
     fig = make_figure(compare_curves(summary), _figure_title(summary))
     save_figure(fig, out_dir / "compare.png")
     save_figure(fig, out_dir / "compare.pdf")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import UsageError
+from .fileio import atomic_path
 
 SPLITS = ("train", "val", "test")
 _CHECK_CHUNK_ROWS = 1 << 16
@@ -244,15 +245,13 @@ def write_split(directory, features, labels, fmt: str = "npy") -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stem, value in (("features", features), ("labels", labels)):
-        final = directory / f"{stem}.{fmt}"
-        tmp = directory / f".{stem}.tmp.{fmt}"
-        if fmt == "npy":
-            np.save(tmp, value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value))
-        elif fmt == "pt":
-            torch.save(torch.as_tensor(value), tmp)
-        else:
+        if fmt not in ("npy", "pt"):
             raise UsageError(f"--format {fmt}: expected npy or pt")
-        os.replace(tmp, final)
+        with atomic_path(directory / f"{stem}.{fmt}") as tmp:
+            if fmt == "npy":
+                np.save(tmp, value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value))
+            else:
+                torch.save(torch.as_tensor(value), tmp)
 
 
 def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samples: int = 50_000,
@@ -305,6 +304,25 @@ def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samp
     return {"num_classes": num_classes, "feature_dim": feature_dim, "num_samples": num_samples,
             "train": num_train, "val": num_val, "test": num_test,
             "largest_class": int(counts.max()), "classes_with_one_row": int((counts == 1).sum())}
+
+
+def cached_synthetic(data_dir, cache_name: str, params: dict, announce: str = "xcent") -> Path:
+    """A built-in synthetic dataset: ``data_dir`` if given, else
+    ``$XDG_CACHE_HOME/xcent/<cache_name>`` (``~/.cache``), written with
+    :func:`synthesize` (``params``) on first use. It is written beside its final
+    place and renamed, so an interrupted write is redone next time, never reused."""
+    import shutil
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    path = Path(data_dir) if data_dir else cache / "xcent" / cache_name
+    if not (path / "val").is_dir():
+        print(f"{announce}: writing the synthetic dataset to {path}", flush=True)
+        tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        synthesize(tmp, **params)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+    return path
 
 
 def synth_main(argv: list[str]) -> int:

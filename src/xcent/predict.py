@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .errors import UsageError
+from .fileio import atomic_path
 
 __all__ = ["Classifier", "TopK", "load_model", "topk_softmax", "read_label_names", "load_features",
            "export_safetensors", "predict_main", "export_main"]
@@ -416,14 +417,8 @@ def load_features(path, feature_dim: int, flag: str = "--features", check_finite
 def _write_atomic(out: Path, write) -> None:
     """``write(file)`` into a temp file next to ``out``, then ``os.replace``: an
     interrupted or failed run leaves the previous ``out`` untouched."""
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        write(f)
 
 
 def _fmt_prob(p: float) -> float:
@@ -491,13 +486,8 @@ def export_safetensors(weight: Tensor, meta: dict, out: Path) -> None:
               "feature_dim": str(int(weight.shape[1])), "algorithm": str(meta.get("algorithm") or ""),
               "epoch": "" if meta.get("epoch") is None else str(int(meta["epoch"])),
               "num_samples": "" if meta.get("num_samples") is None else str(int(meta["num_samples"]))}
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --------------------------------------------------------------------------- commands

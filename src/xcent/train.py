@@ -28,6 +28,7 @@ from .classifier import full_softmax_stats, init_weight
 from .data import Dataset, load_dataset
 from .errors import DivergenceError, UsageError
 from .evaluate import evaluate, resolve_device
+from .fileio import write_text_atomic
 from .losses import ALGORITHMS, DEFAULTS, build
 from .step import train_step
 
@@ -171,9 +172,7 @@ class RunDir:
         return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
 
     def write_jsonl(self, records: list[dict]) -> None:
-        tmp = self.jsonl.with_name(f".{self.jsonl.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, self.jsonl)
+        write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
 
     def append_jsonl(self, record: dict) -> None:
         with open(self.jsonl, "a") as f:
@@ -486,7 +485,7 @@ DEMO_DATA = {"num_classes": 2000, "feature_dim": 64, "num_samples": 100_000, "va
 def demo_main(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
-    from .data import synthesize
+    from .data import cached_synthetic
 
     p = ArgumentParser(prog="xcent demo", description="Train SCENT on a cached built-in synthetic dataset.")
     p.add_argument("--data-dir", type=str, default=None, help="default: ~/.cache/xcent/demo-v1")
@@ -494,15 +493,7 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--algorithm", type=str, default="scent")
     a = p.parse_args(argv)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    data_dir = Path(a.data_dir) if a.data_dir else cache / "xcent" / "demo-v1"
-    if not (data_dir / "val").is_dir():
-        print(f"xcent demo: writing the synthetic dataset to {data_dir}")
-        tmp = data_dir.with_name(data_dir.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        synthesize(tmp, **DEMO_DATA)
-        data_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, data_dir)
+    data_dir = cached_synthetic(a.data_dir, "demo-v1", DEMO_DATA, announce="xcent demo")
     argv_train = ["--data-dir", str(data_dir), "--out-dir", a.out_dir, "--name", f"demo_{a.algorithm}",
                   "--algorithm", a.algorithm, "--epochs", str(a.epochs), "--overwrite", "true"]
     c = resolve_config(build_parser().parse_args(argv_train))

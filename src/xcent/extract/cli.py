@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..fileio import write_text_atomic
 from . import split as splitlib
 from .backbones import DEFAULT_ARCH, ARCHS, build_backbone
 from .shards import expand_urls, format_errors, iter_shard
@@ -50,13 +51,6 @@ def _parse(parser, argv: list[str]):
         return parser.parse_args(argv)
     except ArgumentError as exc:
         raise UsageError(" ".join(str(exc).split())) from exc
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------- global rows
@@ -417,20 +411,20 @@ def extract_main(argv: list[str]) -> int:
     backbone = build_backbone(arch, args.pretrained_path, args.feature_dim, device)
 
     store = FeatureStore.open(args.out_dir, args.data_size, args.feature_dim, args.dtype)
-    _write_text_atomic(os.path.join(args.out_dir, "extract.json"), json.dumps(settings, indent=2) + "\n")
+    write_text_atomic(os.path.join(args.out_dir, "extract.json"), json.dumps(settings, indent=2) + "\n")
     if species is not None:
-        _write_text_atomic(os.path.join(args.out_dir, "classes.txt"), "".join(f"{s}\n" for s in species))
+        write_text_atomic(os.path.join(args.out_dir, "classes.txt"), "".join(f"{s}\n" for s in species))
 
     summary = run_extraction(store, shards, rows_of, backbone, args, device)
 
     if args.data == "glint360k":
         # the identity number is the class name; ids up to the largest seen
         num_classes = store.max_label() + 1
-        _write_text_atomic(os.path.join(args.out_dir, "classes.txt"), "".join(f"{i}\n" for i in range(num_classes)))
+        write_text_atomic(os.path.join(args.out_dir, "classes.txt"), "".join(f"{i}\n" for i in range(num_classes)))
     if args.save_pt:
         store.save_pt()
     settings["last_run"] = summary
-    _write_text_atomic(os.path.join(args.out_dir, "extract.json"), json.dumps(settings, indent=2) + "\n")
+    write_text_atomic(os.path.join(args.out_dir, "extract.json"), json.dumps(settings, indent=2) + "\n")
     print(
         f"xcent extract: {summary['new_rows']} rows cached, {summary['skipped_cached']} skipped as already cached, "
         f"{summary['num_errors']} bad samples or shards skipped ({format_errors(Counter(summary['errors']))}); "
@@ -536,7 +530,7 @@ def split_main(argv: list[str]) -> int:
     for name in splitlib.SPLITS:
         splitlib.write_split(args.out_dir, name, features, labels, parts[name], args.format)
     if classes is not None:
-        _write_text_atomic(os.path.join(args.out_dir, "classes.txt"), "".join(f"{c}\n" for c in classes))
+        write_text_atomic(os.path.join(args.out_dir, "classes.txt"), "".join(f"{c}\n" for c in classes))
     coverage = splitlib.class_coverage({name: np.asarray(labels[parts[name]]) for name in splitlib.SPLITS}, num_classes)
     report = {
         "in": os.path.abspath(args.in_dir),
@@ -548,7 +542,7 @@ def split_main(argv: list[str]) -> int:
         "not_cached": int(len(labels) - len(rows)),
         **coverage,
     }
-    _write_text_atomic(os.path.join(args.out_dir, "split.json"), json.dumps(report, indent=2) + "\n")
+    write_text_atomic(os.path.join(args.out_dir, "split.json"), json.dumps(report, indent=2) + "\n")
     sizes = report["num_samples"]
     print(
         f"xcent split: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test rows "

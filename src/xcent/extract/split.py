@@ -27,6 +27,7 @@ import os
 import numpy as np
 
 from ..errors import UsageError
+from ..fileio import atomic_path
 
 SPLITS = ("train", "val", "test")
 
@@ -160,13 +161,12 @@ def load_extracted(in_dir: str):
 def _replace_npy(path: str, source, rows: np.ndarray, dtype, chunk_rows: int) -> None:
     """Write ``source[rows]`` to ``path`` as ``.npy`` in chunks, atomically."""
     shape = (len(rows),) + tuple(source.shape[1:])
-    tmp = path + ".tmp"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-    for start in range(0, len(rows), chunk_rows):
-        out[start : start + chunk_rows] = source[rows[start : start + chunk_rows]]
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        for start in range(0, len(rows), chunk_rows):
+            out[start : start + chunk_rows] = source[rows[start : start + chunk_rows]]
+        out.flush()
+        del out
 
 
 def write_split(out_dir: str, name: str, features, labels, rows: np.ndarray, fmt: str = "npy", chunk_rows: int = 65536) -> None:
@@ -180,10 +180,7 @@ def write_split(out_dir: str, name: str, features, labels, rows: np.ndarray, fmt
         import torch
 
         for file_name, array in (("features.pt", np.asarray(features[rows])), ("labels.pt", np.asarray(labels[rows], dtype=np.int64))):
-            path = os.path.join(split_dir, file_name)
-            torch.save(torch.from_numpy(np.ascontiguousarray(array)), path + ".tmp")
-            os.replace(path + ".tmp", path)
-    rows_path = os.path.join(split_dir, "rows.npy")
-    with open(rows_path + ".tmp", "wb") as handle:
-        np.save(handle, rows.astype(np.int64))
-    os.replace(rows_path + ".tmp", rows_path)
+            with atomic_path(os.path.join(split_dir, file_name)) as tmp:
+                torch.save(torch.from_numpy(np.ascontiguousarray(array)), tmp)
+    with atomic_path(os.path.join(split_dir, "rows.npy")) as tmp:
+        np.save(tmp, rows.astype(np.int64))
