@@ -420,7 +420,9 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
         loss_fn.set_epoch(epoch, epochs)
         lr = lr_at(epoch, epochs, c["lr"], c["warmup_epochs"])
         order = epoch_permutation(num_samples, c["seed"], epoch)
-        skipped, running_sum, surrogate_sum, steps = 0, 0.0, 0.0, 0
+        skipped, running_sum, steps = 0, 0.0, 0
+        # summed on the device (float64, as a Python float would): no sync per step
+        surrogate_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         start = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
                    disable=None if is_main else True, file=sys.stderr)
@@ -439,7 +441,7 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
                     f"training diverged at epoch {epoch}, step {step + 1} ({c['algorithm']}, lr {lr:.4g}): "
                     f"non-finite loss or weights; lower --lr. Last good checkpoint: {last or 'none'}")
             else:
-                surrogate_sum += float(result.loss)
+                surrogate_sum += result.loss.double()
                 steps += 1
             bar.update(1)
         bar.close()
@@ -450,7 +452,7 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
         eval_s += _update_best(best, metrics, data, engine)
         if skipped and is_main:
             log.warning("epoch %d: %d step(s) skipped (batch with a single label)", epoch, skipped)
-        finish_epoch({"epoch": epoch, **metrics, "lr": lr, "surrogate_loss": surrogate_sum / max(steps, 1),
+        finish_epoch({"epoch": epoch, **metrics, "lr": lr, "surrogate_loss": float(surrogate_sum) / max(steps, 1),
                       "epoch_seconds": train_seconds,
                       "samples_per_second": num_samples / max(train_seconds, 1e-9),
                       "skipped_steps": skipped, "eval_seconds": eval_s})
