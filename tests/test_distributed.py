@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import read_jsonl
-from xcent import checkpoint as ckpt_io
+from xcent import modelio as ckpt_io
 from xcent.data import synthesize
 from xcent.train import TIMING_KEYS, build_parser, resolve_config, train
 

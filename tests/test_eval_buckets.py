@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from xcent import cli
-from xcent.checkpoint import FORMAT, save_atomic
+from xcent.modelio import FORMAT, save_atomic
 from xcent.data import load_dataset, synthesize, write_split
 from xcent.evaluate import _aggregate, bucket_metrics, class_buckets, evaluate, per_class_stats
 

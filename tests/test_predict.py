@@ -12,9 +12,10 @@ from conftest import AllocationRecorder
 
 import xcent
 from xcent import cli
-from xcent.checkpoint import FORMAT, load as load_ckpt, save_atomic
+from xcent.modelio import FORMAT, load as load_ckpt, save_atomic
 from xcent.data import synthesize
-from xcent.predict import Classifier, _write_atomic, load_model, topk_softmax
+from xcent.modelio import load_model
+from xcent.predict import Classifier, _write_atomic, topk_softmax
 
 C, D = 40, 12
 
@@ -232,7 +233,7 @@ def test_checkpoint_without_data_dir_has_no_names_and_lazy_import(tmp_path):
 
 def test_sharded_checkpoint_directory_loads_and_exports(tmp_path, capsys):
     """A class-sharded run's epoch_K/ (manifest + row shards) reads as one weight."""
-    from xcent.checkpoint import MANIFEST
+    from xcent.modelio import MANIFEST
 
     weight = torch.randn(C, D)
     ckpt = tmp_path / "epoch_3"

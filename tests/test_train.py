@@ -11,7 +11,7 @@ import torch
 
 from conftest import read_jsonl
 from xcent import cli, train as train_mod
-from xcent.checkpoint import load as load_ckpt
+from xcent.modelio import load as load_ckpt
 from xcent.classifier import init_weight
 from xcent.data import load_dataset, synthesize, write_split
 from xcent.evaluate import evaluate

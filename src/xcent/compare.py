@@ -562,14 +562,14 @@ def run_state(spec: RunSpec, out_dir: Path) -> str:
     records = read_records(run.jsonl) if run.jsonl.exists() else []
     if records and records[-1]["epoch"] >= spec.config["epochs"]:
         return "done"
-    from . import checkpoint as ckpt_io
+    from . import modelio as ckpt_io
 
     return "resume" if ckpt_io.latest(run.checkpoints) is not None else ("partial" if run.holds_run() else "new")
 
 
 def execute(plan: Plan, echo=print) -> dict[str, str]:
     """Run the plan in sequence; returns run name -> final state (done / failed)."""
-    from . import checkpoint as ckpt_io
+    from . import modelio as ckpt_io
     from .train import RunDir, build_parser, resolve_config, train
 
     states = {spec.name: run_state(spec, plan.out_dir) for spec in plan.runs}  # all checked before any training

@@ -9,7 +9,6 @@ plus the classes never seen)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .classifier import full_softmax_stats
-from .data import Split, load_dataset
+from .data import Split
 from .errors import UsageError
 
 
@@ -146,72 +145,3 @@ def train_class_counts(data_dir, num_classes: int) -> Tensor | None:
         bad = low if low < 0 else high
         raise UsageError(f"--data-dir {data_dir}: train label {bad} is out of range for {num_classes} classes")
     return torch.bincount(labels, minlength=num_classes)
-
-
-def _f(v, spec=".4f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def main(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
-    from .predict import load_model
-
-    p = ArgumentParser(prog="xcent eval",
-                       description="Full-softmax CE, top-1/top-5 and macro accuracy of a checkpoint (or a "
-                                   "safetensors export) on a split, overall and by class frequency in train.")
-    p.add_argument("--checkpoint", type=str, required=True, help="an xcent checkpoint or safetensors export")
-    p.add_argument("--data-dir", type=str, required=True)
-    p.add_argument("--split", type=str, default="val", help="train, val or test")
-    p.add_argument("--device", type=str, default="auto")
-    p.add_argument("--chunk-rows", type=int, default=4096)
-    p.add_argument("--class-chunk", type=int, default=32768)
-    p.add_argument("--buckets", type=bool, default=True,
-                   help="break metrics down by train frequency (head/torso/tail thirds of the classes, unseen)")
-    p.add_argument("--json", type=bool, nargs="?", const=True, default=False,
-                   help="print one JSON object instead of text (--json or --json true)")
-    a = p.parse_args(argv)
-    if a.split not in ("train", "val", "test"):
-        raise UsageError(f"--split {a.split}: expected train, val or test")
-    if a.chunk_rows < 1 or a.class_chunk < 1:
-        raise UsageError("--chunk-rows and --class-chunk must be positive")
-    weight, meta = load_model(a.checkpoint)
-    data = load_dataset(a.data_dir, splits=(a.split,), required=(a.split,), num_classes=weight.shape[0],
-                        feature_dim=weight.shape[1])
-    counts = train_class_counts(a.data_dir, weight.shape[0]) if a.buckets else None
-    device = resolve_device(a.device)
-    stats = per_class_stats(data.splits[a.split], weight.to(device, torch.float32), chunk_rows=a.chunk_rows,
-                            class_chunk=a.class_chunk)
-    overall = _aggregate(stats)
-    metrics = {"checkpoint": str(Path(a.checkpoint)), "split": a.split, "epoch": meta["epoch"],
-               "num_classes": int(weight.shape[0]), **overall}
-    if counts is not None:
-        metrics["buckets"] = bucket_metrics(stats, counts)
-    if a.json:
-        print(json.dumps(metrics))
-        return 0
-    print(f"{a.split}: loss {metrics['loss']:.4f}  top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  "
-          f"macro-top1 {metrics['macro_top1']:.4f}  ({metrics['num_rows']} rows, epoch {metrics['epoch']})")
-    if a.buckets and counts is None:
-        print(f"(no train split in {a.data_dir}: no head/torso/tail breakdown)")
-    elif counts is not None:
-        print(f"{'bucket':<7} {'classes':>8} {'train rows/class':>17} {'rows':>8} {'loss':>8} {'top1':>7} "
-              f"{'top5':>7} {'macro-top1':>10}")
-        for name, b in metrics["buckets"].items():
-            span = "0" if name == "unseen" else (f"{b['train_count_min']}..{b['train_count_max']}"
-                                                 if b["num_classes"] else "-")
-            print(f"{name:<7} {b['num_classes']:>8} {span:>17} {b['num_rows']:>8} {_f(b['loss']):>8} "
-                  f"{_f(b['top1']):>7} {_f(b['top5']):>7} {_f(b['macro_top1']):>10}")
-    return 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a device (cpu, cuda, cuda:N or auto)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device

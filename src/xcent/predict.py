@@ -1,9 +1,7 @@
-"""Applying a trained classifier: top-k prediction over all C classes, export, a Python API.
+"""Applying a trained classifier: top-k prediction over all C classes and a Python API.
 
-* :func:`load_model` is the one function that reads trained weights, from an xcent
-  checkpoint (``epoch_K.pt``, or a class-sharded ``epoch_K/`` directory) or a
-  safetensors export; :class:`Classifier`, ``xcent predict``, ``xcent export`` and
-  ``xcent eval`` all go through it, so a new format only needs a branch there.
+* Weights are read by :func:`xcent.modelio.load_model` (checkpoints, sharded
+  directories, safetensors exports).
 * :func:`topk_softmax` is the memory-bounded kernel. For a block of n rows it walks
   the C classes in chunks of ``class_chunk`` and keeps, per row,
 
@@ -23,9 +21,7 @@ import csv
 import io
 import json
 import os
-import struct
 import sys
-import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -35,145 +31,12 @@ from torch import Tensor
 
 from .errors import UsageError
 from .fileio import atomic_path
+from .modelio import _names_from_data_dir, load_model, read_label_names
 
-__all__ = ["Classifier", "TopK", "load_model", "topk_softmax", "read_label_names", "load_features",
-           "export_safetensors", "predict_main", "export_main"]
+__all__ = ["Classifier", "TopK", "topk_softmax", "load_features", "write_predictions"]
 
-EXPORT_FORMAT = "xcent-export-v1"
 DEFAULT_CHUNK_ROWS = 1024
 DEFAULT_CLASS_CHUNK = 16384
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _is_safetensors(path: Path) -> bool:
-    """Sniff the format rather than trust the suffix: a safetensors file starts with
-    an 8-byte little-endian header length followed by a JSON object; a ``torch.save``
-    file is a zip archive (``PK``) or a pickle."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return header_len + 8 <= path.stat().st_size
-
-
-def read_label_names(path, num_classes: int | None = None, flag: str = "--label-names") -> list[str]:
-    """Class names from a ``classes.txt`` (line i = name of label i); a ``UsageError``
-    naming ``flag`` if the file is missing or its line count is not ``num_classes``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{flag} {path}: no such file")
-    try:
-        names = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{flag} {path}: cannot be read ({type(exc).__name__})")
-    if num_classes is not None and len(names) != num_classes:
-        raise UsageError(f"{flag} {path}: {len(names)} names for {num_classes} classes")
-    return names
-
-
-def _names_from_data_dir(data_dir, num_classes: int) -> list[str] | None:
-    """``DATA_DIR/classes.txt`` when it exists and has one line per class. A file
-    that does not match is ignored, not an error: the user did not ask for it."""
-    if not data_dir:
-        return None
-    path = Path(data_dir) / "classes.txt"
-    if not path.is_file():
-        return None
-    try:
-        names = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return names if len(names) == num_classes else None
-
-
-def _load_safetensors(path: Path, device) -> tuple[Tensor, dict]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            header = f.metadata() or {}
-            keys = set(f.keys())
-            ours = header.get("format") == EXPORT_FORMAT and "weight" in keys
-            weight = f.get_tensor("weight") if ours else None
-            blob = f.get_tensor("label_names") if ours and "label_names" in keys else None
-    except Exception as exc:  # safetensors raises its own error types and plain ones on garbage
-        raise UsageError(f"checkpoint {path}: cannot be read as safetensors ({type(exc).__name__})")
-    if not ours:
-        raise UsageError(f"checkpoint {path}: a safetensors file but not an xcent export "
-                         f"(no format={EXPORT_FORMAT} metadata or no 'weight' tensor)")
-    # names travel as one UTF-8 byte tensor joined by newlines rather than in the
-    # header: the header is capped (100 MB) and every reader parses it whole
-    names = None if blob is None else blob.cpu().numpy().tobytes().decode("utf-8").split("\n")
-
-    def opt_int(key):
-        return int(header[key]) if header.get(key, "") != "" else None
-
-    try:
-        meta = {"num_classes": int(header["num_classes"]), "feature_dim": int(header["feature_dim"]),
-                "algorithm": header.get("algorithm") or None, "epoch": opt_int("epoch"),
-                "num_samples": opt_int("num_samples"), "label_names": names, "data_dir": None,
-                "source": "safetensors"}
-    except (KeyError, ValueError) as exc:
-        raise UsageError(f"checkpoint {path}: broken xcent export metadata ({type(exc).__name__}: {exc})")
-    return weight, meta
-
-
-def _load_checkpoint(path: Path, device) -> tuple[Tensor, dict]:
-    from . import checkpoint as ckpt_io
-
-    # mmap: the dual state nu (one float per training row) is never paged in
-    ckpt = ckpt_io.load(path, map_location="cpu", mmap=True)
-    config = ckpt.get("config") or {}
-    weight = ckpt["weight"]
-    if not isinstance(weight, Tensor) or weight.ndim != 2:
-        raise UsageError(f"checkpoint {path}: 'weight' is not a (num_classes, feature_dim) tensor")
-    meta = {
-        "num_classes": int(ckpt.get("num_classes", weight.shape[0])),
-        "feature_dim": int(ckpt.get("feature_dim", weight.shape[-1])),
-        "algorithm": ckpt.get("algorithm"), "epoch": ckpt.get("epoch"), "num_samples": ckpt.get("num_samples"),
-        "label_names": None, "data_dir": config.get("data_dir"), "source": "checkpoint",
-    }
-    return weight.to(device), meta
-
-
-def load_model(path, device="cpu", flag: str = "--checkpoint") -> tuple[Tensor, dict]:
-    """Read trained weights: ``(weight (C, D), meta)``.
-
-    ``path`` is an xcent checkpoint (a ``.pt`` file or a class-sharded ``epoch_K/``
-    directory) or an ``xcent export`` safetensors file (told apart by content, not by
-    name). ``meta`` has ``num_classes``, ``feature_dim``,
-    ``algorithm``, ``epoch``, ``num_samples``, ``label_names`` (a list when the file
-    carries them, else None), ``data_dir`` (the training data dir, when known) and
-    ``source``. Anything else is a one-line ``UsageError`` naming ``flag``. This is the single
-    entry point for every reader of weights; extend it for new formats.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{flag} {path}: no such file")
-    try:
-        # a directory is a class-sharded checkpoint (epoch_K/ with a manifest), which
-        # xcent.checkpoint.load assembles into the same dict as a single file
-        reader = _load_safetensors if path.is_file() and _is_safetensors(path) else _load_checkpoint
-        weight, meta = reader(path, device)
-    except UsageError as exc:
-        # the readers say "checkpoint PATH: ..."; name the flag the user typed instead
-        text = str(exc)
-        raise UsageError(f"{flag} {text[len('checkpoint '):]}" if text.startswith("checkpoint ") else text) from None
-    if not isinstance(weight, Tensor) or weight.ndim != 2 or not weight.is_floating_point():
-        raise UsageError(f"{flag} {path}: 'weight' is not a 2-d float tensor")
-    if tuple(weight.shape) != (meta["num_classes"], meta["feature_dim"]):
-        raise UsageError(f"{flag} {path}: weight shape {tuple(weight.shape)} does not match num_classes "
-                         f"{meta['num_classes']} x feature_dim {meta['feature_dim']}")
-    if meta["label_names"] is not None and len(meta["label_names"]) != meta["num_classes"]:
-        raise UsageError(f"{flag} {path}: {len(meta['label_names'])} label names for "
-                         f"{meta['num_classes']} classes")
-    return weight, meta
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -468,111 +331,3 @@ def write_predictions(clf: Classifier, feats, out: Path, k: int, fmt: str, progr
 
     _write_atomic(out, write)
     return num_rows
-
-
-def export_safetensors(weight: Tensor, meta: dict, out: Path) -> None:
-    """Write ``weight`` and ``meta`` as safetensors atomically (see ``xcent export``)."""
-    from safetensors.torch import save_file
-
-    tensors = {"weight": weight.detach().to("cpu").contiguous()}
-    names = meta.get("label_names")
-    if names is not None:
-        if any("\n" in n for n in names):
-            raise UsageError("label names must not contain newlines")
-        blob = "\n".join(names).encode("utf-8")
-        tensors["label_names"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob \
-            else torch.zeros(0, dtype=torch.uint8)
-    header = {"format": EXPORT_FORMAT, "num_classes": str(int(weight.shape[0])),
-              "feature_dim": str(int(weight.shape[1])), "algorithm": str(meta.get("algorithm") or ""),
-              "epoch": "" if meta.get("epoch") is None else str(int(meta["epoch"])),
-              "num_samples": "" if meta.get("num_samples") is None else str(int(meta["num_samples"]))}
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-
-
-# --------------------------------------------------------------------------- commands
-
-
-def _check_out(out: str, suffixes: tuple[str, ...], flag: str = "--out") -> Path:
-    path = Path(out)
-    if path.suffix.lower() not in suffixes:
-        raise UsageError(f"{flag} {out}: expected a file ending in {' or '.join(suffixes)}")
-    if not path.parent.is_dir():
-        raise UsageError(f"{flag} {out}: directory {path.parent} does not exist")
-    if path.is_dir():
-        raise UsageError(f"{flag} {out}: is a directory")
-    return path
-
-
-def predict_main(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
-    from .evaluate import resolve_device
-
-    p = ArgumentParser(prog="xcent predict",
-                       description="Top-k classes and softmax probabilities (over all C classes) of each row "
-                                   "of a feature file.")
-    p.add_argument("--checkpoint", type=str, required=True, help="an xcent checkpoint or safetensors export")
-    p.add_argument("--features", type=str, required=True, help="(N, D) float .npy or .pt")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--out", type=str, default="predictions.jsonl", help="*.jsonl or *.csv")
-    p.add_argument("--label-names", type=str, default=None,
-                   help="classes.txt (line i = name of class i); default: the export's or DATA_DIR/classes.txt")
-    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per block")
-    p.add_argument("--class-chunk", type=int, default=DEFAULT_CLASS_CHUNK, help="classes per block")
-    p.add_argument("--progress", type=bool, default=True, help="progress bar on stderr")
-    a = p.parse_args(argv)
-
-    # every check happens before the output file is opened
-    out = _check_out(a.out, (".jsonl", ".csv"))
-    fmt = "csv" if out.suffix.lower() == ".csv" else "jsonl"
-    if a.chunk_rows < 1:
-        raise UsageError(f"--chunk-rows {a.chunk_rows}: must be positive")
-    if a.class_chunk < 1:
-        raise UsageError(f"--class-chunk {a.class_chunk}: must be positive")
-    device = resolve_device(a.device)
-    # read first so that a bad names file is reported before the (large) weight is loaded
-    names = read_label_names(a.label_names) if a.label_names is not None else None
-    clf = Classifier.load(a.checkpoint, device=device, chunk_rows=a.chunk_rows, class_chunk=a.class_chunk)
-    if names is not None:
-        if len(names) != clf.num_classes:
-            raise UsageError(f"--label-names {a.label_names}: {len(names)} names for {clf.num_classes} classes")
-        clf.label_names = names
-    if not 1 <= a.top_k <= clf.num_classes:
-        raise UsageError(f"--top-k {a.top_k}: must be between 1 and the number of classes ({clf.num_classes})")
-    feats = load_features(a.features, clf.feature_dim)
-    t0 = time.perf_counter()
-    n = write_predictions(clf, feats, out, a.top_k, fmt, progress=a.progress)
-    seconds = time.perf_counter() - t0
-    print(f"wrote {out}: {n} rows, top-{a.top_k} of {clf.num_classes} classes"
-          f"{' with names' if clf.label_names is not None else ''} ({seconds:.1f} s, "
-          f"{n / max(seconds, 1e-9):.0f} rows/s)")
-    return 0
-
-
-def export_main(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
-    p = ArgumentParser(prog="xcent export",
-                       description="Write a checkpoint's weight and metadata (num_classes, feature_dim, "
-                                   "algorithm, epoch, label names) as safetensors.")
-    p.add_argument("--checkpoint", type=str, required=True)
-    p.add_argument("--out", type=str, required=True, help="*.safetensors")
-    p.add_argument("--label-names", type=str, default=None,
-                   help="classes.txt to embed; default: the checkpoint's own or DATA_DIR/classes.txt")
-    a = p.parse_args(argv)
-    out = _check_out(a.out, (".safetensors",))
-    if Path(a.checkpoint).resolve() == out.resolve():
-        raise UsageError(f"--out {a.out}: is the --checkpoint itself")
-    weight, meta = load_model(a.checkpoint)
-    if a.label_names is not None:
-        meta["label_names"] = read_label_names(a.label_names, meta["num_classes"])
-    elif meta["label_names"] is None:
-        meta["label_names"] = _names_from_data_dir(meta["data_dir"], meta["num_classes"])
-    export_safetensors(weight, meta, out)
-    size = out.stat().st_size
-    print(f"wrote {out}: {meta['num_classes']} x {meta['feature_dim']} {weight.dtype} weight, "
-          f"{meta['algorithm'] or 'unknown algorithm'}, epoch {meta['epoch']}, "
-          f"{'with' if meta['label_names'] is not None else 'no'} label names ({size / 2**20:.1f} MiB)")
-    return 0

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint as ckpt_io
+from . import modelio as ckpt_io
 from .classifier import full_softmax_stats, init_weight
 from .data import Dataset, load_dataset
 from .errors import DivergenceError, UsageError
-from .evaluate import evaluate, resolve_device
+from .device import resolve_device
+from .evaluate import evaluate
 from .fileio import write_text_atomic
 from .losses import ALGORITHMS, DEFAULTS, build
 from .step import train_step

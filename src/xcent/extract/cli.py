@@ -32,6 +32,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
+from ..device import resolve_device
 from ..errors import UsageError
 from ..fileio import write_text_atomic
 from . import split as splitlib
@@ -339,18 +340,6 @@ def _check_extract_args(args) -> None:
         raise UsageError(f"--max-batches must be positive, got {args.max_batches}")
 
 
-def _resolve_device(name: str | None) -> str:
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here")
-    return name
-
-
 SETTINGS_CHECKED_ON_RESUME = ("data", "arch", "feature_dim", "data_size", "dtype")
 
 
@@ -385,7 +374,7 @@ def extract_main(argv: list[str]) -> int:
     arch = args.arch or DEFAULT_ARCH[args.data]
     if arch not in ARCHS:
         raise UsageError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
-    device = _resolve_device(args.device)
+    device = str(resolve_device(args.device))
     torch.manual_seed(args.seed)
 
     # Everything that can be wrong with the inputs is found before any file is written.

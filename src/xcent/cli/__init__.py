@@ -1,8 +1,9 @@
 """The `xcent` command: a thin dispatcher over subcommands.
 
-Each subcommand lives in its own module and exposes ``main(argv) -> int`` that
-builds its own jsonargparse parser; modules are imported lazily so that
-``xcent train`` does not pay for (or require) the feature-extraction extras.
+Each subcommand is a function ``main(argv) -> int`` in a module of this package
+(``xcent.cli.<module>``) that parses its flags and calls the library; modules are
+imported lazily so that ``xcent train`` does not pay for (or require) the
+feature-extraction extras. Library modules hold no command-line code.
 `XcentError`s become a one-line ``xcent <cmd>: error: ...`` on stderr and their
 exit status (2 for bad input, 3 for divergence).
 """
@@ -12,20 +13,20 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import XcentError
+from ..errors import XcentError
 
 #: subcommand name -> (module:function, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("xcent.train:main", "train a linear classifier with one of the six algorithms"),
-    "eval": ("xcent.evaluate:main", "full-softmax CE and top-1/top-5 of a checkpoint on a split"),
-    "synth": ("xcent.data:synth_main", "write a synthetic long-tailed dataset in the seed layout"),
+    "eval": ("xcent.cli.evaluate:main", "full-softmax CE and top-1/top-5 of a checkpoint on a split"),
+    "synth": ("xcent.cli.data:synth_main", "write a synthetic long-tailed dataset in the seed layout"),
     "demo": ("xcent.train:demo_main", "train SCENT on a cached built-in synthetic dataset"),
     "extract": ("xcent.extract.cli:extract_main", "extract features from webdataset image shards"),
     "split": ("xcent.extract.cli:split_main", "split extracted features into train/val/test"),
     "compare": ("xcent.compare:compare_main", "run several algorithms/seeds and compare them"),
     "plot": ("xcent.compare:plot_main", "draw the comparison figure from existing runs"),
-    "predict": ("xcent.predict:predict_main", "top-k classes of new feature vectors"),
-    "export": ("xcent.predict:export_main", "export a checkpoint's weight as safetensors"),
+    "predict": ("xcent.cli.predict:predict_main", "top-k classes of new feature vectors"),
+    "export": ("xcent.cli.predict:export_main", "export a checkpoint's weight as safetensors"),
 }
 
 
