@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as cm  # noqa: E402
+
 from xcent.classifier import init_weight  # noqa: E402
 from xcent.data import load_split  # noqa: E402
 from xcent.losses import build  # noqa: E402

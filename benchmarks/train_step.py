@@ -200,7 +200,9 @@ def main(argv=None) -> int:
         worst = min(dense_s[False] / cm.median(sparse[n]) for n in algos)
         print(f"ratio: slowest algorithm vs dense with per-step full CE = {worst_ce:,.0f}x "
               f"(target >= 500x: {cm.verdict(worst_ce >= 500)})")
-        print(f"ratio: slowest algorithm vs dense without it = {worst:,.0f}x (target >= 250x: {cm.verdict(worst >= 250)})")
+        print(
+            f"ratio: slowest algorithm vs dense without it = {worst:,.0f}x (target >= 250x: {cm.verdict(worst >= 250)})"
+        )
         print(f"dense steps timed: {a.dense_steps} per variant (median), sparse: {a.steps * a.repeats} per algorithm")
 
         # 2. distance to the floor ---------------------------------------------------------

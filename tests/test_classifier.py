@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import AllocationRecorder
 
 from xcent.classifier import full_softmax_stats, in_batch_logits, init_weight

@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import read_jsonl
+
 from xcent import modelio as ckpt_io
 from xcent.data import synthesize
 from xcent.train import TIMING_KEYS, build_parser, resolve_config, train
@@ -91,8 +91,22 @@ def test_resume_across_process_counts(dist_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(out / "p1_scent", out / "r12")
     # xcent eval reads the sharded checkpoint
-    ev = subprocess.run([sys.executable, "-m", "xcent", "eval", "--checkpoint", str(out / "r12" / "checkpoints" / "epoch_2"),
-                         "--data-dir", str(dist_data / "data"), "--split", "val"], capture_output=True, text=True)
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xcent",
+            "eval",
+            "--checkpoint",
+            str(out / "r12" / "checkpoints" / "epoch_2"),
+            "--data-dir",
+            str(dist_data / "data"),
+            "--split",
+            "val",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ev.returncode == 0 and "top1" in ev.stdout
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from xcent import cli
-from xcent.modelio import FORMAT, save_atomic
 from xcent.data import load_dataset, synthesize, write_split
 from xcent.evaluate import _aggregate, bucket_metrics, class_buckets, evaluate, per_class_stats
+from xcent.modelio import FORMAT, save_atomic
 
 
 def test_class_buckets_by_hand():

@@ -94,10 +94,10 @@ def glint(tmp_path_factory):
     good = {int(k): (jpeg_bytes(rng, 112, 112), int(rng.integers(0, 9))) for k in keys}
     items = [(f"{k:06d}", {"jpg": jpg, "cls": str(c).encode()}) for k, (jpg, c) in good.items()]
     bad = [
-        ("%06d" % 200, {"jpg": jpeg_bytes(rng, 112, 112), "cls": b"1"}),  # key_out_of_range
-        ("%06d" % 40000, {"jpg": jpeg_bytes(rng, 112, 112), "cls": b"2"}),  # key_out_of_range
+        (f"{200:06d}", {"jpg": jpeg_bytes(rng, 112, 112), "cls": b"1"}),  # key_out_of_range
+        (f"{40000:06d}", {"jpg": jpeg_bytes(rng, 112, 112), "cls": b"2"}),  # key_out_of_range
         ("face_a", {"jpg": jpeg_bytes(rng, 112, 112), "cls": b"3"}),  # bad_key
-        ("%06d" % 1000, {"jpg": jpeg_bytes(rng, 112, 112)}),  # key_out_of_range (checked first)
+        (f"{1000:06d}", {"jpg": jpeg_bytes(rng, 112, 112)}),  # key_out_of_range (checked first)
     ]
     spare = [k for k in range(GLINT_SIZE) if k not in good]
     corrupt_key, no_cls_key, no_jpg_key, small_key = spare[:4]
@@ -123,7 +123,14 @@ def glint(tmp_path_factory):
         "url": str(root / "glint-{00..03}.tar.gz"),
         "weights": str(root / "weights.pt"),
         "good": good,
-        "errors": {"key_out_of_range": 3, "bad_key": 1, "corrupt_image": 2, "missing_cls": 1, "missing_jpg": 1, "bad_shard": 1},
+        "errors": {
+            "key_out_of_range": 3,
+            "bad_key": 1,
+            "corrupt_image": 2,
+            "missing_cls": 1,
+            "missing_jpg": 1,
+            "bad_shard": 1,
+        },
     }
 
 
@@ -174,7 +181,7 @@ def test_glint_rows_labels_features(glint, glint_out):
         expected = model(torch.stack([face_tensor(good[k][0]) for k in keys])).numpy()
     np.testing.assert_allclose(out["features"][keys], expected, rtol=1e-4, atol=1e-5)
     assert not out["features"][~out["is_cached"]].any()
-    classes = open(glint_out / "classes.txt").read().splitlines()
+    classes = (glint_out / "classes.txt").read_text().splitlines()
     assert classes == [str(i) for i in range(max(c for _, c in good.values()) + 1)]
 
 
@@ -239,7 +246,9 @@ def test_resume_after_kill(glint, glint_out, tmp_path):
     out_dir = tmp_path / "killed"
     code = KILLER.replace("{n}", str(KILL_AFTER_BATCHES))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, *glint_args(glint, out_dir)], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *glint_args(glint, out_dir)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == -9, proc.stderr
     partial = load_out(out_dir)
     assert partial["is_cached"].sum() == KILL_AFTER_BATCHES * 8
@@ -295,7 +304,7 @@ def test_treeoflife_rows_labels_features(tree, tree_out):
     expected_rows = list(range(27))
     assert list(np.flatnonzero(out["is_cached"])) == expected_rows
     sorted_species = sorted(set(tree["species"]))
-    assert open(out_dir / "classes.txt").read().splitlines() == sorted_species
+    assert (out_dir / "classes.txt").read_text().splitlines() == sorted_species
     for row in expected_rows:
         assert sorted_species[out["labels"][row]] == tree["species"][row]
     model = backbones.TinyImageTower(FEATURE_DIM)
@@ -322,7 +331,14 @@ def test_max_batches_then_resume(tree, tree_out, tmp_path):
 def test_missing_shard_is_usage_error_and_destroys_nothing(glint, glint_out, capsys):
     before = file_digest(glint_out)
     missing = str(glint["root"] / "glint-04.tar.gz")
-    code = xcent_main(["extract", *glint_args(glint, glint_out)[:3], glint["url"].replace("{00..03}", "{00..04}"), *glint_args(glint, glint_out)[4:]])
+    code = xcent_main(
+        [
+            "extract",
+            *glint_args(glint, glint_out)[:3],
+            glint["url"].replace("{00..03}", "{00..04}"),
+            *glint_args(glint, glint_out)[4:],
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.splitlines() == [f"xcent extract: error: --data-url: shard not found: {missing}"]
@@ -390,7 +406,12 @@ def test_extract_split_train_eval_end_to_end(glint_out, tmp_path, capsys):
     """extract (the glint_out fixture) -> split -> train 1 epoch -> eval, through the CLI."""
     pytest.importorskip("xcent.train")
     data_dir, runs = tmp_path / "data", tmp_path / "runs"
-    assert xcent_main(["split", "--in", str(glint_out), "--out", str(data_dir), "--val-fraction", "6", "--test-fraction", "6"]) == 0
+    assert (
+        xcent_main(
+            ["split", "--in", str(glint_out), "--out", str(data_dir), "--val-fraction", "6", "--test-fraction", "6"]
+        )
+        == 0
+    )
     assert "24 train / 6 val / 6 test" in capsys.readouterr().out
     for split_name, size in (("train", 24), ("val", 6), ("test", 6)):
         assert np.load(data_dir / split_name / "features.npy").shape == (size, FEATURE_DIM)
@@ -398,11 +419,27 @@ def test_extract_split_train_eval_end_to_end(glint_out, tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "src"), "OMP_NUM_THREADS": "1"}
 
     def xcent(*args):
-        proc = subprocess.run([sys.executable, "-m", "xcent", *args], capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "xcent", *args], capture_output=True, text=True, env=env, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
-    xcent("train", "--data-dir", str(data_dir), "--out-dir", str(runs), "--name", "e2e", "--epochs", "1", "--batch-size", "64", "--algorithm", "scent")
+    xcent(
+        "train",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(runs),
+        "--name",
+        "e2e",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--algorithm",
+        "scent",
+    )
     checkpoint = runs / "e2e" / "checkpoints" / "epoch_1.pt"
     assert checkpoint.exists()
     assert xcent("eval", "--checkpoint", str(checkpoint), "--data-dir", str(data_dir), "--split", "val").strip()

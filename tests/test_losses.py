@@ -143,7 +143,7 @@ def test_scent_is_the_proximal_minimiser():
     alpha = math.exp(gamma)
     for nu, s in [(0.3, 2.0), (-1.0, 0.05), (2.0, 30.0), (0.0, 1.0)]:
         def dobj(v):  # derivative of the (convex) proximal objective
-            return alpha * (1 - s * math.exp(-v)) - math.exp(-v) + math.exp(-nu)
+            return alpha * (1 - s * math.exp(-v)) - math.exp(-v) + math.exp(-nu)  # noqa: B023 - used in this iteration
         lo, hi = -50.0, 50.0
         for _ in range(200):
             mid = 0.5 * (lo + hi)

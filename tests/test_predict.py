@@ -7,14 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import AllocationRecorder
 
 import xcent
 from xcent import cli
-from xcent.modelio import FORMAT, load as load_ckpt, save_atomic
 from xcent.data import synthesize
-from xcent.modelio import load_model
+from xcent.modelio import FORMAT, load_model, save_atomic
+from xcent.modelio import load as load_ckpt
 from xcent.predict import Classifier, _write_atomic, topk_softmax
 
 C, D = 40, 12
@@ -139,7 +138,7 @@ def test_export_round_trips_bit_for_bit(run, tmp_path, capsys):
     from safetensors import safe_open
     with safe_open(str(st), "pt") as a, safe_open(str(again), "pt") as b:
         assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys()) == ["label_names", "weight"]
-        for key in a.keys():
+        for key in a.keys():  # noqa: SIM118 - safetensors handles are not dicts
             assert a.get_tensor(key).numpy().tobytes() == b.get_tensor(key).numpy().tobytes()
 
     # predict and eval accept the export and give the same answers as the checkpoint

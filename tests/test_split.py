@@ -46,7 +46,10 @@ def run_split(in_dir, out_dir, *extra) -> int:
 def read_split(out_dir, name, fmt="npy"):
     if fmt == "npy":
         return np.load(out_dir / name / "features.npy"), np.load(out_dir / name / "labels.npy")
-    return (torch.load(out_dir / name / "features.pt", weights_only=True).numpy(), torch.load(out_dir / name / "labels.pt", weights_only=True).numpy())
+    return (
+        torch.load(out_dir / name / "features.pt", weights_only=True).numpy(),
+        torch.load(out_dir / name / "labels.pt", weights_only=True).numpy(),
+    )
 
 
 @pytest.fixture

@@ -8,13 +8,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import read_jsonl
-from xcent import cli, train as train_mod
-from xcent.modelio import load as load_ckpt
+
+from xcent import cli
+from xcent import train as train_mod
 from xcent.classifier import init_weight
 from xcent.data import load_dataset, synthesize, write_split
 from xcent.evaluate import evaluate
+from xcent.modelio import load as load_ckpt
 from xcent.train import build_parser, lr_at, resolve_config, train
 
 TIMING = set(train_mod.TIMING_KEYS)
@@ -120,8 +121,12 @@ def test_resume_is_exact(tiny_data, tmp_path, monkeypatch, algorithm):
     assert torch.equal(a["weight"], b["weight"])
     assert torch.equal(a["nu_set"], b["nu_set"]) and a["nu_set"].all()
     assert torch.equal(a["nu"], b["nu"])
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
-    assert strip(read_jsonl(tmp_path / "full" / "eval_full.jsonl")) == strip(read_jsonl(tmp_path / "cut" / "eval_cut.jsonl"))
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+
+    assert strip(read_jsonl(tmp_path / "full" / "eval_full.jsonl")) == strip(
+        read_jsonl(tmp_path / "cut" / "eval_cut.jsonl")
+    )
 
 
 def test_running_train_loss_is_the_seed_mean_full_ce(tiny_data, tmp_path):

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -284,7 +284,9 @@ def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samp
     features = np.empty((num_samples, feature_dim), dtype=np.float32)
     for start in range(0, num_samples, 1 << 16):
         stop = min(start + (1 << 16), num_samples)
-        noise_block = rng.standard_normal((stop - start, feature_dim)).astype(np.float32) * (noise / math.sqrt(feature_dim))
+        noise_block = rng.standard_normal((stop - start, feature_dim)).astype(np.float32) * (
+            noise / math.sqrt(feature_dim)
+        )
         block = centroids[labels[start:stop]] + noise_block
         if normalize:
             block /= np.linalg.norm(block, axis=1, keepdims=True)

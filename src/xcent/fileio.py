@@ -5,9 +5,9 @@ POSIX), so an interrupted or failed write leaves the previous file untouched."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 @contextmanager

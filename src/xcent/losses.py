@@ -32,7 +32,7 @@ instead of writing NaN.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +175,7 @@ class _DualLoss(nn.Module):
         self.nu[index] = nu_new.to(self.nu.dtype)
         self.nu_set[index] = True
 
-    def _exp_weights(self, rows: "_RowExp", nu: Tensor) -> Tensor:
+    def _exp_weights(self, rows: _RowExp, nu: Tensor) -> Tensor:
         """``G = exp(z - nu) / (B m)`` from the row exponentials of the logits,
         recording in ``self.overflow`` (a 0-dim bool tensor) whether an exponent had
         to be saturated, i.e. the exact arithmetic leaves the dtype's safe range: the

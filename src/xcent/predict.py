@@ -22,8 +22,9 @@ import io
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ class Classifier:
         self.class_chunk = int(class_chunk)
 
     @classmethod
-    def load(cls, path, device="cpu", label_names=None, **kwargs) -> "Classifier":
+    def load(cls, path, device="cpu", label_names=None, **kwargs) -> Classifier:
         """From a checkpoint or a safetensors export (see :func:`load_model`).
 
         ``label_names``: a list, or a path to a ``classes.txt``; by default the names
@@ -147,7 +148,7 @@ class Classifier:
     def feature_dim(self) -> int:
         return int(self.weight.shape[1])
 
-    def to(self, device) -> "Classifier":
+    def to(self, device) -> Classifier:
         self.weight = self.weight.to(device)
         return self
 

@@ -26,8 +26,8 @@ import yaml
 from . import modelio as ckpt_io
 from .classifier import full_softmax_stats, init_weight
 from .data import Dataset, load_dataset
-from .errors import DivergenceError, UsageError
 from .device import resolve_device
+from .errors import DivergenceError, UsageError
 from .evaluate import evaluate
 from .fileio import write_text_atomic
 from .losses import ALGORITHMS, DEFAULTS, build
@@ -299,7 +299,9 @@ def _format_row(r: dict) -> str:
             f"{f(r['val_acc'], '8.4f')} {f(r['val_top5'], '8.4f')} {f(r.get('samples_per_second'), '10.0f')}")
 
 
-TABLE_HEADER = f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'val_loss':>9} {'val_acc':>8} {'val_top5':>8} {'samples/s':>10}"
+TABLE_HEADER = (
+    f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'val_loss':>9} {'val_acc':>8} {'val_top5':>8} {'samples/s':>10}"
+)
 
 
 def _save(run: RunDir, engine, loss_fn, epoch, best, c, data) -> Path:

@@ -11,7 +11,9 @@ from ..errors import UsageError
 def synth_main(argv: list[str]) -> int:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    p = ArgumentParser(prog="xcent synth", description="Write a seeded synthetic long-tailed dataset in the seed layout.")
+    p = ArgumentParser(
+        prog="xcent synth", description="Write a seeded synthetic long-tailed dataset in the seed layout."
+    )
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--out", type=str, required=True, help="output data directory")
     p.add_argument("--num-classes", type=int, default=1000)

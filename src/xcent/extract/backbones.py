@@ -252,7 +252,9 @@ def _build_iresnet(arch: str, pretrained_path: str | None, feature_dim: int) -> 
     try:
         _load_into(model, pretrained_path, arch)
     except RuntimeError as exc:  # shape mismatch, e.g. a different --feature-dim
-        raise UsageError(f"--pretrained-path: {pretrained_path} does not fit --arch {arch}: {str(exc).splitlines()[-1].strip()}") from exc
+        raise UsageError(
+            f"--pretrained-path: {pretrained_path} does not fit --arch {arch}: {str(exc).splitlines()[-1].strip()}"
+        ) from exc
     return Backbone(arch, model, FacePreprocess(model.input_size), feature_dim, normalize=False)
 
 
@@ -263,7 +265,9 @@ def _build_clip_tiny(arch: str, pretrained_path: str | None, feature_dim: int) -
     try:
         _load_into(model, pretrained_path, arch)
     except RuntimeError as exc:
-        raise UsageError(f"--pretrained-path: {pretrained_path} does not fit --arch {arch}: {str(exc).splitlines()[-1].strip()}") from exc
+        raise UsageError(
+            f"--pretrained-path: {pretrained_path} does not fit --arch {arch}: {str(exc).splitlines()[-1].strip()}"
+        ) from exc
     return Backbone(arch, model, ClipPreprocess(32), feature_dim, normalize=True)
 
 
@@ -305,7 +309,7 @@ def _build_bioclip(arch: str, pretrained_path: str | None, feature_dim: int) -> 
 
 #: --arch name -> builder(arch, pretrained_path, feature_dim) -> Backbone
 ARCHS: dict[str, Callable[[str, str | None, int], Backbone]] = {
-    **{name: _build_iresnet for name in IRESNET_DEPTHS},
+    **dict.fromkeys(IRESNET_DEPTHS, _build_iresnet),
     "iresnet_tiny": _build_iresnet,
     "bioclip": _build_bioclip,
     "clip_tiny": _build_clip_tiny,
@@ -325,6 +329,9 @@ def build_backbone(arch: str, pretrained_path: str | None, feature_dim: int, dev
         raise UsageError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     backbone = ARCHS[arch](arch, pretrained_path, feature_dim)
     if backbone.feature_dim != feature_dim:
-        raise UsageError(f"--feature-dim {feature_dim} does not match --arch {arch}, whose features have {backbone.feature_dim} dimensions")
+        raise UsageError(
+            f"--feature-dim {feature_dim} does not match --arch {arch}, "
+            f"whose features have {backbone.feature_dim} dimensions"
+        )
     backbone.model.to(device).eval()
     return backbone

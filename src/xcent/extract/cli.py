@@ -36,7 +36,7 @@ from ..device import resolve_device
 from ..errors import UsageError
 from ..fileio import write_text_atomic
 from . import split as splitlib
-from .backbones import DEFAULT_ARCH, ARCHS, build_backbone
+from .backbones import ARCHS, DEFAULT_ARCH, build_backbone
 from .shards import expand_urls, format_errors, iter_shard
 
 #: warnings printed per run before the rest are only counted
@@ -245,11 +245,15 @@ class FeatureStore:
                     f"--out-dir: {path} holds {array.dtype}{list(array.shape)}, but these flags need "
                     f"{want}{list(shape)}; use another --out-dir or the flags it was made with"
                 )
-        if os.path.exists(os.path.join(out_dir, "is_cached.npy")) and not os.path.exists(os.path.join(out_dir, "features.npy")):
-            raise UsageError(f"--out-dir: {out_dir} has is_cached.npy but no features.npy; remove is_cached.npy to start over")
+        if os.path.exists(os.path.join(out_dir, "is_cached.npy")) and not os.path.exists(
+            os.path.join(out_dir, "features.npy")
+        ):
+            raise UsageError(
+                f"--out-dir: {out_dir} has is_cached.npy but no features.npy; remove is_cached.npy to start over"
+            )
 
     @classmethod
-    def open(cls, out_dir: str, data_size: int, feature_dim: int, dtype: str) -> "FeatureStore":
+    def open(cls, out_dir: str, data_size: int, feature_dim: int, dtype: str) -> FeatureStore:
         """Open the arrays for update, creating missing ones (``is_cached`` last, so its
         presence means the others exist). Call `check` first."""
         os.makedirs(out_dir, exist_ok=True)
@@ -301,25 +305,66 @@ def extract_parser():
 
     parser = ArgumentParser(
         prog="xcent extract",
-        description="Extract backbone features from webdataset image shards into DIR/{features,labels,is_cached}.npy (resumable).",
+        description="Extract backbone features from webdataset image shards into "
+        "DIR/{features,labels,is_cached}.npy (resumable).",
         exit_on_error=False,
     )
-    parser.add_argument("--data", type=Optional[str], default=None, help="dataset: glint360k or treeoflife10m (required)")
-    parser.add_argument("--data-url", type=Optional[str], default=None, help="shards, e.g. 'dir/glint360k-0{000..416}.tar.gz'; '::' joins patterns (required)")
+    parser.add_argument(
+        "--data", type=Optional[str], default=None, help="dataset: glint360k or treeoflife10m (required)"
+    )
+    parser.add_argument(
+        "--data-url",
+        type=Optional[str],
+        default=None,
+        help="shards, e.g. 'dir/glint360k-0{000..416}.tar.gz'; '::' joins patterns (required)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--num-samples", type=Optional[int], default=None, help="samples in the shards, for the progress bar (default: --data-size)")
-    parser.add_argument("--data-size", type=int, default=18000000, help="rows of the output arrays; keys/catalog rows must lie in [0, data-size)")
+    parser.add_argument(
+        "--num-samples",
+        type=Optional[int],
+        default=None,
+        help="samples in the shards, for the progress bar (default: --data-size)",
+    )
+    parser.add_argument(
+        "--data-size",
+        type=int,
+        default=18000000,
+        help="rows of the output arrays; keys/catalog rows must lie in [0, data-size)",
+    )
     parser.add_argument("--out-dir", type=str, default="features", help="output directory (resumed if it exists)")
-    parser.add_argument("--pretrained-path", type=Optional[str], default=None, help="backbone weights: a state_dict file (iresnet), an open_clip checkpoint or hf-hub:NAME (bioclip)")
-    parser.add_argument("--metadata-path", type=Optional[str], default=None, help="TreeOfLife-10M catalog CSV (treeoflife_id, species)")
-    parser.add_argument("--workers", type=int, default=1, help="data-loader processes reading shards (0: read in the main process)")
-    parser.add_argument("--device", type=Optional[str], default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--pretrained-path",
+        type=Optional[str],
+        default=None,
+        help="backbone weights: a state_dict file (iresnet), an open_clip checkpoint or hf-hub:NAME (bioclip)",
+    )
+    parser.add_argument(
+        "--metadata-path", type=Optional[str], default=None, help="TreeOfLife-10M catalog CSV (treeoflife_id, species)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="data-loader processes reading shards (0: read in the main process)"
+    )
+    parser.add_argument(
+        "--device", type=Optional[str], default=None, help="torch device (default: cuda if available, else cpu)"
+    )
     parser.add_argument("--seed", type=int, default=42, help="torch seed")
     parser.add_argument("--feature-dim", type=int, default=512, help="feature size the backbone must produce")
-    parser.add_argument("--arch", type=Optional[str], default=None, help=f"backbone: {', '.join(ARCHS)} (default: iresnet50 for glint360k, bioclip for treeoflife10m)")
+    parser.add_argument(
+        "--arch",
+        type=Optional[str],
+        default=None,
+        help=f"backbone: {', '.join(ARCHS)} (default: iresnet50 for glint360k, bioclip for treeoflife10m)",
+    )
     parser.add_argument("--dtype", type=Literal["float32", "float16"], default="float32", help="dtype of features.npy")
-    parser.add_argument("--save-pt", action="store_true", help="also write the seed's features.pt/labels.pt/is_cached.pt at the end")
-    parser.add_argument("--max-batches", type=Optional[int], default=None, help="stop after this many batches (a trial run; rerun to resume)")
+    parser.add_argument(
+        "--save-pt", action="store_true", help="also write the seed's features.pt/labels.pt/is_cached.pt at the end"
+    )
+    parser.add_argument(
+        "--max-batches",
+        type=Optional[int],
+        default=None,
+        help="stop after this many batches (a trial run; rerun to resume)",
+    )
     return parser
 
 
@@ -329,7 +374,11 @@ def _check_extract_args(args) -> None:
         raise UsageError(f"--data must be glint360k or treeoflife10m{got}")
     if not args.data_url:
         raise UsageError("--data-url is required")
-    for flag, value in (("--batch-size", args.batch_size), ("--data-size", args.data_size), ("--feature-dim", args.feature_dim)):
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--data-size", args.data_size),
+        ("--feature-dim", args.feature_dim),
+    ):
         if value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
     if args.workers < 0:
@@ -431,7 +480,9 @@ def run_extraction(store: FeatureStore, shards: list[str], rows_of, backbone, ar
     is_cached = np.array(store.is_cached)
     dataset = ShardBatches(shards, rows_of, backbone.preprocess, args.batch_size, is_cached)
     num_workers = min(args.workers, len(shards))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=device.startswith("cuda"))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, pin_memory=device.startswith("cuda")
+    )
     total = args.num_samples or args.data_size
     errors: Counter = Counter()
     new_rows = skipped_cached = num_batches = shown = 0
@@ -478,16 +529,29 @@ def split_parser():
 
     parser = ArgumentParser(
         prog="xcent split",
-        description="Split the cached rows of an `xcent extract` directory into OUT/{train,val,test}/{features,labels}.",
+        description="Split the cached rows of an `xcent extract` directory into "
+        "OUT/{train,val,test}/{features,labels}.",
         exit_on_error=False,
     )
     # '--in' is a Python keyword: its value lives under the dest 'in_dir'
-    parser.add_argument("--in", dest="in_dir", type=Optional[str], default=None, help="directory written by xcent extract (required)")
-    parser.add_argument("--out", dest="out_dir", type=Optional[str], default=None, help="data directory for xcent train (required)")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of cached rows (< 1) or row count (>= 1) for val")
-    parser.add_argument("--test-fraction", type=float, default=0.05, help="fraction of cached rows (< 1) or row count (>= 1) for test")
+    parser.add_argument(
+        "--in", dest="in_dir", type=Optional[str], default=None, help="directory written by xcent extract (required)"
+    )
+    parser.add_argument(
+        "--out", dest="out_dir", type=Optional[str], default=None, help="data directory for xcent train (required)"
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.05, help="fraction of cached rows (< 1) or row count (>= 1) for val"
+    )
+    parser.add_argument(
+        "--test-fraction", type=float, default=0.05, help="fraction of cached rows (< 1) or row count (>= 1) for test"
+    )
     parser.add_argument("--seed", type=int, default=42, help="seed of the split")
-    parser.add_argument("--stratify", action="store_true", help="keep every class with at least 3 rows in train; per-class shares of val/test")
+    parser.add_argument(
+        "--stratify",
+        action="store_true",
+        help="keep every class with at least 3 rows in train; per-class shares of val/test",
+    )
     parser.add_argument("--format", type=Literal["npy", "pt"], default="npy", help="file format of the splits")
     return parser
 
@@ -538,7 +602,8 @@ def split_main(argv: list[str]) -> int:
         f"(of {len(rows)} cached; {report['not_cached']} rows not cached were left out) -> {args.out_dir}"
     )
     print(
-        f"classes: {num_classes} in total, {coverage['classes_with_rows']} with rows, {coverage['classes_in_train']} in train; "
+        f"classes: {num_classes} in total, {coverage['classes_with_rows']} with rows, "
+        f"{coverage['classes_in_train']} in train; "
         f"absent from train: {coverage['val_classes_not_in_train']} of the val classes, "
         f"{coverage['test_classes_not_in_train']} of the test classes"
     )

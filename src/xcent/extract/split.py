@@ -66,11 +66,18 @@ def split_rows(
     num_rows = len(rows)
     num_train = num_rows - num_val - num_test
     if num_train <= 0:
-        raise UsageError(f"--val-fraction and --test-fraction leave no training row ({num_val} val + {num_test} test of {num_rows} cached rows)")
+        raise UsageError(
+            f"--val-fraction and --test-fraction leave no training row "
+            f"({num_val} val + {num_test} test of {num_rows} cached rows)"
+        )
     rng = np.random.default_rng(seed)
     if not stratify:
         order = rng.permutation(num_rows)
-        parts = {"val": order[:num_val], "test": order[num_val : num_val + num_test], "train": order[num_val + num_test :]}
+        parts = {
+            "val": order[:num_val],
+            "test": order[num_val : num_val + num_test],
+            "train": order[num_val + num_test :],
+        }
         return {name: np.sort(rows[idx]) for name, idx in parts.items()}
 
     num_classes = int(labels.max()) + 1 if num_rows else 0
@@ -169,7 +176,9 @@ def _replace_npy(path: str, source, rows: np.ndarray, dtype, chunk_rows: int) ->
         del out
 
 
-def write_split(out_dir: str, name: str, features, labels, rows: np.ndarray, fmt: str = "npy", chunk_rows: int = 65536) -> None:
+def write_split(
+    out_dir: str, name: str, features, labels, rows: np.ndarray, fmt: str = "npy", chunk_rows: int = 65536
+) -> None:
     """``out_dir/name/{features,labels,rows}`` for the global ``rows`` (labels as int64)."""
     split_dir = os.path.join(out_dir, name)
     os.makedirs(split_dir, exist_ok=True)
@@ -179,7 +188,10 @@ def write_split(out_dir: str, name: str, features, labels, rows: np.ndarray, fmt
     else:
         import torch
 
-        for file_name, array in (("features.pt", np.asarray(features[rows])), ("labels.pt", np.asarray(labels[rows], dtype=np.int64))):
+        for file_name, array in (
+            ("features.pt", np.asarray(features[rows])),
+            ("labels.pt", np.asarray(labels[rows], dtype=np.int64)),
+        ):
             with atomic_path(os.path.join(split_dir, file_name)) as tmp:
                 torch.save(torch.from_numpy(np.ascontiguousarray(array)), tmp)
     with atomic_path(os.path.join(split_dir, "rows.npy")) as tmp:
