@@ -257,7 +257,7 @@ def write_split(directory, features, labels, fmt: str = "npy") -> None:
 def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samples: int = 50_000,
                val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0, noise: float = 0.5,
                tail_exponent: float = 0.8, normalize: bool = True, dtype: str = "float32",
-               fmt: str = "npy") -> dict:
+               fmt: str = "npy", rows_per_class: float | None = None, feature_norm: float = 1.0) -> dict:
     """A seeded synthetic dataset in the seed layout.
 
     Class centroids are random unit vectors in ``feature_dim`` dimensions. Class sizes
@@ -265,9 +265,20 @@ def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samp
     share proportional to ``(r + 1)^-tail_exponent`` and every class gets at least
     one row, so many classes have a handful of rows and a few have many. A row is
     ``centroid + noise * N(0, I/D)``, then (``normalize``) scaled to unit norm, the
-    way face and CLIP embeddings are. Rows are shuffled, then cut into
-    train/val/test by the fractions. Returns a summary dict.
+    way face and CLIP embeddings are, and multiplied by ``feature_norm`` (real
+    embeddings range from unit norm, e.g. CLIP or sentence encoders, to norms of
+    20-30, e.g. unnormalised face embeddings). ``rows_per_class`` (overrides
+    ``num_samples``): ``num_samples = round(rows_per_class * num_classes)`` over all
+    splits, so the train split has about ``rows_per_class * (1 - val - test)`` rows
+    per class. Rows are shuffled, then cut into train/val/test by the fractions.
+    Returns a summary dict.
     """
+    if rows_per_class is not None:
+        if not rows_per_class >= 1:
+            raise UsageError(f"--rows-per-class {rows_per_class}: must be at least 1")
+        num_samples = round(rows_per_class * num_classes)
+    if not (feature_norm > 0 and math.isfinite(feature_norm)):
+        raise UsageError(f"--feature-norm {feature_norm}: must be a positive number")
     if num_classes < 2 or feature_dim < 1 or num_samples < num_classes:
         raise UsageError("synth needs --num-classes >= 2, --feature-dim >= 1 and --num-samples >= --num-classes")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -290,7 +301,7 @@ def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samp
         block = centroids[labels[start:stop]] + noise_block
         if normalize:
             block /= np.linalg.norm(block, axis=1, keepdims=True)
-        features[start:stop] = block
+        features[start:stop] = block * feature_norm if feature_norm != 1.0 else block
     np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
     if np_dtype is None:
         raise UsageError(f"--dtype {dtype}: expected float32 or float16")

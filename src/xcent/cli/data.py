@@ -1,10 +1,11 @@
-"""``xcent synth``: write a seeded synthetic dataset (:func:`xcent.data.synthesize`)."""
+"""``xcent synth`` (a seeded synthetic dataset, :func:`xcent.data.synthesize`) and
+``xcent inspect`` (the data report, :mod:`xcent.inspect`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import synthesize
+from ..data import load_dataset, synthesize
 from ..errors import UsageError
 
 
@@ -19,6 +20,10 @@ def synth_main(argv: list[str]) -> int:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--feature-dim", type=int, default=64)
     p.add_argument("--num-samples", type=int, default=50_000, help="rows over all splits")
+    p.add_argument("--rows-per-class", type=float, default=None,
+                   help="rows per class over all splits (sets --num-samples = this x --num-classes)")
+    p.add_argument("--feature-norm", type=float, default=1.0,
+                   help="multiply every feature row by this (1: unit norm with --normalize)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.05)
     p.add_argument("--noise", type=float, default=0.5, help="noise norm relative to the unit centroid")
@@ -32,6 +37,35 @@ def synth_main(argv: list[str]) -> int:
     if (out / "train").exists():
         raise UsageError(f"--out {out}: already holds a dataset (train/ exists); choose another directory")
     info = synthesize(out, a.num_classes, a.feature_dim, a.num_samples, a.val_fraction, a.test_fraction,
-                      a.seed, a.noise, a.tail_exponent, a.normalize, a.dtype, a.format)
+                      a.seed, a.noise, a.tail_exponent, a.normalize, a.dtype, a.format,
+                      rows_per_class=a.rows_per_class, feature_norm=a.feature_norm)
     print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    return 0
+
+
+def inspect_main(argv: list[str]) -> int:
+    import json
+
+    from jsonargparse import ArgumentParser
+
+    from ..fileio import write_text_atomic
+    from ..inspect import data_report, format_report
+
+    p = ArgumentParser(prog="xcent inspect", description=(
+        "Report rows, classes, train rows per class, feature norms and val/test classes unseen in train "
+        "of DATA_DIR, with the settings it suggests."))
+    p.add_argument("data_dir", type=str, help="DATA_DIR/{train,val,test}/features|labels.{pt,npy}")
+    p.add_argument("--json", type=str, default=None, help="also write the report as JSON to this file ('-': stdout only)")
+    p.add_argument("--sample-rows", type=int, default=20000, help="train rows read for the norm figures; 0 = all")
+    p.add_argument("--check-features", type=bool, default=False, help="scan every feature for NaN/Inf first")
+    a = p.parse_args(argv)
+    data = load_dataset(a.data_dir, required=("train",), check_features=a.check_features)
+    report = {"data_dir": str(a.data_dir), **data_report(data, a.sample_rows)}
+    if a.json == "-":
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"xcent inspect: {a.data_dir}")
+    print(format_report(report))
+    if a.json:
+        write_text_atomic(a.json, json.dumps(report, indent=2) + "\n")
     return 0

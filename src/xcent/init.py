@@ -1,0 +1,234 @@
+"""Class-mean initialisation: a training-free classifier to start from.
+
+The nearest-class-mean classifier is strong on data with few rows per class, where
+a randomly initialised linear model learns little in a few epochs. Its weight is
+
+    w_c = s * m_c / |m_c|,    m_c = mean of the training rows of class c
+
+(``w_c = 0`` for a class without training rows), with one scale ``s`` shared by all
+classes and chosen to minimise the full-softmax cross-entropy on a fixed subset of
+training rows. That CE is convex in ``s`` (a log-sum-exp of functions linear in
+``s``, minus a linear one), hence unimodal in ``log s``, so a golden-section search
+over ``log s`` finds its minimum; the logits of ``s W`` on ``x`` are those of ``W`` on
+``s x``, so each probe scales the (small, in-memory) subset, never the weight.
+
+Cost: one streaming pass over the memory-mapped training split (chunked
+``index_add_`` into the (C, D) weight itself: no N x D copy, no second C x D buffer)
+and about :data:`GOLDEN_STEPS` full-softmax evaluations of the subset. Under
+torchrun every rank sums only the rows of its own classes (selected from the
+in-memory labels, so each rank reads about 1/P of the file) and the probes use the
+class-sharded evaluation of :mod:`xcent.distributed`; every rank then takes the same
+search decisions, since the all-gathered statistics are identical on every rank.
+Hand-written because the search is ten lines and no library offers a chunked,
+class-sharded evaluation to plug into (scipy's ``minimize_scalar`` would add a
+dependency for the same golden-section loop).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .classifier import full_softmax_stats
+from .data import Split
+from .evaluate import summarize
+
+__all__ = [
+    "InitResult",
+    "class_mean_directions",
+    "class_means_init",
+    "class_means_rows",
+    "class_sums",
+    "golden_section_log",
+    "probe_rows",
+]
+
+#: golden-section probes of the scale search: the bracket shrinks by 0.618 each
+GOLDEN_STEPS = 20
+#: the scale bracket, as the typical logit ``s |x|`` it gives: 0.1 .. 1000
+SCALE_BRACKET = (0.1, 1000.0)
+
+
+@dataclass
+class InitResult:
+    """The initial weight rows (this process's classes), the chosen scale, and the CE /
+    top-1 / top-5 that scale gives on the search subset; ``probes`` [(scale, CE)]."""
+
+    weight: Tensor
+    scale: float
+    loss: float
+    top1: float
+    top5: float
+    classes_with_rows: int
+    probes: list[tuple[float, float]]
+
+    def summary(self) -> dict:
+        return {"init": "class-means", "init_scale": self.scale, "init_train_loss": self.loss,
+                "init_train_acc": self.top1, "init_classes_with_rows": self.classes_with_rows}
+
+
+def _normalize_rows_(sums: Tensor) -> Tensor:
+    """Divide each row by its norm in place (zero rows stay zero); returns the norms
+    used (1 for zero rows), so that ``mul_`` by them restores the sums."""
+    norms = sums.norm(dim=1, keepdim=True)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    sums.div_(norms)
+    return norms
+
+
+@torch.no_grad()
+def class_sums(split: Split, num_classes: int, classes: tuple[int, int] | None = None,
+               chunk_rows: int = 8192) -> tuple[Tensor, Tensor]:
+    """``(sums, counts)`` for the classes ``[lo, hi)`` (default all): the (hi - lo, D)
+    float32 sum of each class's training rows and the (hi - lo,) int64 row counts.
+
+    One pass over the rows of those classes, ``chunk_rows`` at a time (with a class
+    range, only the rows whose in-memory label is in the range are read), summed
+    with ``index_add_`` into the returned tensor: memory is the (C, D) result plus
+    one chunk."""
+    lo, hi = (0, num_classes) if classes is None else classes
+    sums = torch.zeros(hi - lo, split.feature_dim, dtype=torch.float32)
+    counts = torch.zeros(hi - lo, dtype=torch.long)
+    labels = split.labels
+    rows = None if (lo, hi) == (0, num_classes) else torch.nonzero((labels >= lo) & (labels < hi)).squeeze(1)
+    if rows is not None and rows.numel() == 0:
+        return sums, counts
+    for feats, y in split.chunks(rows, chunk_rows):
+        local = y.to(torch.long) - lo
+        sums.index_add_(0, local, feats.to(torch.float32))
+        counts.index_add_(0, local, torch.ones_like(local))
+    return sums, counts
+
+
+def class_mean_directions(split: Split, num_classes: int, classes: tuple[int, int] | None = None,
+                          chunk_rows: int = 8192) -> tuple[Tensor, Tensor]:
+    """``(directions, counts)``: the unit mean of each class's training rows (zero for
+    classes without any; normalising the sum equals normalising the mean) and the
+    row counts, for the classes ``[lo, hi)`` (see :func:`class_sums`)."""
+    sums, counts = class_sums(split, num_classes, classes, chunk_rows)
+    _normalize_rows_(sums)
+    return sums, counts
+
+
+def golden_section_log(f: Callable[[float], float], lo: float, hi: float, steps: int = GOLDEN_STEPS
+                       ) -> tuple[float, float, list[tuple[float, float]]]:
+    """Minimise ``f`` over ``[lo, hi]`` (``0 < lo < hi``) by golden-section search on
+    ``log s``; exact for functions unimodal in ``s`` (the bracket keeps the minimum).
+    Returns ``(argmin, min, probes)``, ``probes`` the [(s, f(s))] evaluated, in order.
+    ``steps + 2`` evaluations; a non-finite value counts as +inf."""
+    probes: list[tuple[float, float]] = []
+
+    def g(u: float) -> float:
+        s = math.exp(u)
+        value = float(f(s))
+        probes.append((s, value))
+        return value if math.isfinite(value) else math.inf
+
+    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = math.log(lo), math.log(hi)
+    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+    fc, fd = g(c), g(d)
+    for _ in range(steps):
+        if fc <= fd:  # the minimum is in [a, d]
+            b, d, fd = d, c, fc
+            c = b - inv_phi * (b - a)
+            fc = g(c)
+        else:  # in [c, b]
+            a, c, fc = c, d, fd
+            d = a + inv_phi * (b - a)
+            fd = g(d)
+    best = min(probes, key=lambda p: p[1] if math.isfinite(p[1]) else math.inf)
+    return best[0], best[1], probes
+
+
+#: at most this share of the training rows is held out of the means to probe the scale
+MAX_PROBE_SHARE = 0.2
+
+
+def probe_rows(num_samples: int, subset: Tensor | None) -> Tensor:
+    """The rows that choose the scale: ``subset`` (sorted ids; None = all rows),
+    thinned by a regular stride to at most :data:`MAX_PROBE_SHARE` of the rows, so
+    that the means they are held out of keep most of the data."""
+    rows = torch.arange(num_samples) if subset is None else subset
+    limit = max(1, int(MAX_PROBE_SHARE * num_samples))
+    if rows.numel() > limit:
+        rows = rows[::math.ceil(rows.numel() / limit)]
+    return rows
+
+
+@torch.no_grad()
+def class_means_init(split: Split, num_classes: int, subset: Tensor | None = None, ctx=None,
+                     chunk_rows: int = 8192, steps: int = GOLDEN_STEPS, device="cpu") -> InitResult:
+    """The class-mean weight ``s * m_c / |m_c|`` with ``s`` minimising the full-softmax
+    CE of held-out training rows.
+
+    The probe rows (:func:`probe_rows` of ``subset``) are left out of the class means
+    while ``s`` is searched: on their own means, training rows are classified far
+    more confidently than new rows (with two rows per class, a row is half its own
+    class mean), and the scale that minimises their CE grows without bound. The
+    returned weight uses the means of all training rows; ``loss``/``top1``/``top5``
+    are the held-out figures at the chosen scale (what to expect on new rows).
+
+    Single process (``ctx`` None): the whole (C, D) weight. Under torchrun (``ctx`` a
+    :class:`xcent.distributed.DistContext`): this rank's classes
+    (:func:`xcent.distributed.class_range`) only, the CE evaluated class-sharded.
+    The probe rows are read into memory once (every rank reads them: they are few)."""
+    from . import distributed as xd
+
+    lo, hi = (0, num_classes) if ctx is None else xd.class_range(num_classes, ctx.rank, ctx.world_size)
+    sums, counts = class_sums(split, num_classes, (lo, hi), chunk_rows)
+    seen = int((counts > 0).sum())
+    rows = probe_rows(split.num_samples, subset)
+    x, y = split.gather(rows)
+    x, y = x.to(torch.float32), y.to(torch.long)
+    own = (y >= lo) & (y < hi)
+    sums.index_add_(0, y[own] - lo, x[own], alpha=-1.0)  # hold the probe rows out
+    held_norms = _normalize_rows_(sums)
+    directions = sums.to(device)
+    x, y = x.to(device), y.to(device)
+    if ctx is not None:
+        seen_t = torch.tensor([seen], dtype=torch.long, device=directions.device)
+        torch.distributed.all_reduce(seen_t)
+        seen = int(seen_t.item())
+
+    def stats(scale: float, eval_rows: int = 4096):
+        for start in range(0, x.shape[0], eval_rows):
+            xs, ys = x[start:start + eval_rows] * scale, y[start:start + eval_rows]
+            if ctx is None:
+                yield full_softmax_stats(xs, ys, directions)
+            else:
+                yield xd.sharded_stats(xs, ys, directions, lo, ctx)
+
+    results: dict[float, dict] = {}
+
+    def ce(scale: float) -> float:
+        results[scale] = summarize(stats(scale))
+        return results[scale]["loss"]
+
+    # the bracket in units of the typical feature norm, so it fits any feature scale
+    mean_norm = float(x.norm(dim=1).mean()) or 1.0
+    scale, _, probes = golden_section_log(ce, SCALE_BRACKET[0] / mean_norm, SCALE_BRACKET[1] / mean_norm, steps)
+    held = results[scale]
+    # back to the sums of all training rows, then the final directions
+    sums.mul_(held_norms).index_add_(0, y[own].cpu() - lo, x[own].cpu())
+    _normalize_rows_(sums)
+    weight = sums.mul_(scale).to(device)
+    return InitResult(weight, scale, held["loss"], held["top1"], held["top5"], seen, probes)
+
+
+@torch.no_grad()
+def class_means_rows(split: Split, classes: Tensor, rows: Tensor, scale: float, chunk_rows: int = 8192) -> Tensor:
+    """``scale`` times the unit mean, over the training ``rows`` only, of each class
+    of ``classes`` (sorted ids; zero for a class without any of ``rows``): a
+    class-mean start for a few classes that leaves other rows out (the ``--lr auto``
+    search scores on rows held out of its start this way)."""
+    sums = torch.zeros(classes.numel(), split.feature_dim, dtype=torch.float32)
+    rows = rows[torch.isin(split.labels.index_select(0, rows), classes)]
+    for feats, y in split.chunks(rows, chunk_rows):
+        sums.index_add_(0, torch.searchsorted(classes, y.to(torch.long)), feats.to(torch.float32))
+    _normalize_rows_(sums)
+    return sums.mul_(scale)

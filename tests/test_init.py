@@ -1,0 +1,140 @@
+"""Class-mean initialisation against brute force (one process and two class-sharded)."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from xcent.classifier import full_softmax_stats
+from xcent.data import load_dataset, write_split
+from xcent.init import (
+    class_mean_directions,
+    class_means_init,
+    class_means_rows,
+    golden_section_log,
+    probe_rows,
+)
+
+
+def _brute_directions(x: np.ndarray, y: np.ndarray, num_classes: int, skip=()) -> np.ndarray:
+    out = np.zeros((num_classes, x.shape[1]))
+    for c in range(num_classes):
+        rows = [i for i in range(len(y)) if y[i] == c and i not in skip]
+        if rows:
+            mean = x[rows].astype(np.float64).mean(axis=0)
+            if np.linalg.norm(mean) > 0:
+                out[c] = mean / np.linalg.norm(mean)
+    return out
+
+
+def _brute_ce(x, y, w):
+    logits = x.astype(np.float64) @ w.T
+    m = logits.max(axis=1, keepdims=True)
+    lse = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)))
+    return float((lse - logits[np.arange(len(y)), y]).mean())
+
+
+def _make(tmp_path, num_classes=13, dim=5, n=90, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((num_classes, dim)) * 2
+    # classes 11 and 12 get no training rows (zero weight); class sizes vary
+    y = rng.integers(0, num_classes - 2, size=n)
+    x = (centers[y] + rng.standard_normal((n, dim))).astype(np.float32) * 3.0
+    write_split(tmp_path / "data" / "train", x, y)
+    write_split(tmp_path / "data" / "val", x[:5], y[:5])
+    return load_dataset(tmp_path / "data", num_classes=num_classes), x, y
+
+
+def test_directions_equal_brute_force(tmp_path):
+    data, x, y = _make(tmp_path)
+    directions, counts = class_mean_directions(data.train, data.num_classes, chunk_rows=7)
+    np.testing.assert_allclose(directions.numpy(), _brute_directions(x, y, 13), atol=1e-6)
+    assert counts.tolist() == np.bincount(y, minlength=13).tolist()
+    assert counts[11] == counts[12] == 0 and directions[11:].abs().sum() == 0
+    # a class range reads the rows of those classes only and gives the same rows
+    part, _ = class_mean_directions(data.train, data.num_classes, classes=(4, 12), chunk_rows=5)
+    torch.testing.assert_close(part, directions[4:12])
+
+
+def test_golden_section_finds_closed_form_optimum():
+    # two classes with directions +e and -e; a share q of the rows sit at +e (right),
+    # the rest at -e (wrong): CE(s) = q log(1 + e^-2s) + (1 - q) log(1 + e^2s), whose
+    # minimum is at s* = log(q / (1 - q)) / 2
+    q, n = 0.9, 200
+    w = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0]] * n)
+    y = torch.tensor([0] * int(q * n) + [1] * (n - int(q * n)))
+
+    def ce(s):
+        lse, target, _ = full_softmax_stats(x * s, y, w)
+        return float((lse - target).mean())
+
+    s, value, probes = golden_section_log(ce, 1e-3, 1e3, steps=40)
+    assert abs(s - math.log(q / (1 - q)) / 2) < 1e-4
+    assert value == min(v for _, v in probes) and len(probes) == 42
+
+
+def test_scale_search_matches_brute_force_grid(tmp_path):
+    data, x, y = _make(tmp_path, n=120)
+    subset = torch.arange(0, 120, 3)
+    result = class_means_init(data.train, data.num_classes, subset, steps=30)
+    probes = probe_rows(120, subset)
+    assert probes.numel() <= 24
+    held = set(probes.tolist())
+    # the scale is searched on rows held out of the means: brute-force that CE on a grid
+    dirs = _brute_directions(x, y, 13, skip=held)
+    xp, yp = x[probes.numpy()], y[probes.numpy()]
+    grid = np.exp(np.linspace(np.log(1e-3), np.log(1e3), 1001))
+    values = [_brute_ce(xp * s, yp, dirs) for s in grid]
+    best = int(np.argmin(values))
+    assert abs(math.log(result.scale) - math.log(grid[best])) < 0.01
+    assert result.loss <= values[best] + 1e-4
+    # the returned weight: the scale times the means of all training rows
+    np.testing.assert_allclose(result.weight.numpy(), result.scale * _brute_directions(x, y, 13), rtol=1e-4,
+                               atol=1e-5)
+    assert result.classes_with_rows == 11
+
+
+def test_class_means_rows(tmp_path):
+    data, x, y = _make(tmp_path)
+    classes, rows = torch.tensor([1, 4, 12]), torch.arange(0, 90, 2)
+    got = class_means_rows(data.train, classes, rows, 2.5)
+    want = 2.5 * _brute_directions(x[::2], y[::2], 13)[[1, 4, 12]]
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+
+
+SCRIPT = """
+import sys, torch
+from xcent import distributed as xd
+from xcent.data import load_dataset
+from xcent.init import class_means_init
+ctx = xd.init_from_env(torch.device("cpu"), 60)
+data = load_dataset(sys.argv[1], num_classes=13)
+r = class_means_init(data.train, data.num_classes, torch.arange(0, 120, 3), ctx=ctx, steps=30)
+torch.save({"weight": r.weight, "scale": r.scale, "loss": r.loss, "seen": r.classes_with_rows},
+           f"{sys.argv[2]}/rank{ctx.rank}.pt")
+xd.shutdown()
+"""
+
+
+def test_two_process_class_sharded_equals_one(tmp_path):
+    data, x, y = _make(tmp_path, n=120)
+    one = class_means_init(data.train, data.num_classes, torch.arange(0, 120, 3), steps=30)
+    script = tmp_path / "shard_init.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(29700 + os.getpid() % 200), str(script), str(tmp_path / "data"), str(tmp_path)],
+                          check=False, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["weight"].shape == (7, 5) and r1["weight"].shape == (6, 5)  # each rank: its own classes
+    assert r0["scale"] == r1["scale"] and r0["seen"] == r1["seen"] == 11
+    # the CE is flat at its minimum: float32 sums in another order may pick a scale a
+    # hair away, with the same CE
+    assert abs(r0["scale"] - one.scale) < 1e-2 * one.scale and abs(r0["loss"] - one.loss) < 1e-5
+    np.testing.assert_allclose(torch.cat([r0["weight"], r1["weight"]]).numpy() / r0["scale"],
+                               _brute_directions(x, y, 13), atol=1e-5)
