@@ -60,11 +60,12 @@ VISITS = "revisit"
 
 def sparse_runner(split, weight, name: str, batch_size: int, seed: int = 0):
     """One call = one step of ``xcent train``'s loop (CPU: ``.to(device)`` is a no-op)."""
-    loss_fn = build(name, split.num_samples)
+    loss_fn = build(name, split.num_samples, epochs=50)
+    loss_fn.set_epoch(1)
     if VISITS == "revisit" and name != "bsgd":
         loss_fn.nu.fill_(0.0)  # log s at the initial weight (logits ~ 0)
         loss_fn.nu_set.fill_(True)
-        loss_fn.set_epoch(2, 50)
+        loss_fn.set_epoch(2)
     batches = Batches(split.num_samples, batch_size, seed)
     lr = DEFAULTS[name]["lr"] * 1e-3  # small: keep the weight sane over many timed steps
     ks = []
@@ -87,7 +88,8 @@ def dense_runner(split, num_classes: int, name: str, batch_size: int, full_ce: b
     with torch.no_grad():
         linear.weight.normal_(0.0, 0.01)
     opt = torch.optim.SGD(linear.parameters(), lr=DEFAULTS[name]["lr"] * 1e-3)
-    loss_fn = build(name, split.num_samples)
+    loss_fn = build(name, split.num_samples, epochs=50)
+    loss_fn.set_epoch(1)
     batches = Batches(split.num_samples, batch_size, seed)
 
     def step():

@@ -129,6 +129,7 @@ def test_weights_equal_autograd_of_forward():
     rng = np.random.default_rng(1)
     for name in ALGOS:
         a, b = build(name, 6, dtype=torch.float64), build(name, 6, dtype=torch.float64)
+        a.set_epoch(1, 1), b.set_epoch(1, 1)
         for rows in ([0, 1, 2], [2, 3, 0]):
             z = random_logits(rng, 3, 4)
             G_fast = a.weights(z.clone(), torch.tensor(rows))
@@ -142,8 +143,8 @@ def test_scent_is_the_proximal_minimiser():
     gamma = 1.5
     alpha = math.exp(gamma)
     for nu, s in [(0.3, 2.0), (-1.0, 0.05), (2.0, 30.0), (0.0, 1.0)]:
-        def dobj(v):  # derivative of the (convex) proximal objective
-            return alpha * (1 - s * math.exp(-v)) - math.exp(-v) + math.exp(-nu)  # noqa: B023 - used in this iteration
+        def dobj(v, nu=nu, s=s):  # derivative of the (convex) proximal objective
+            return alpha * (1 - s * math.exp(-v)) - math.exp(-v) + math.exp(-nu)
         lo, hi = -50.0, 50.0
         for _ in range(200):
             mid = 0.5 * (lo + hi)
@@ -181,6 +182,7 @@ def test_umax_infinite_delta_is_asgd():
 
 def test_umax_reset_fires():
     algo = build("umax", 1, dtype=torch.float64, gamma=0.01, delta=1.0)
+    algo.set_epoch(1, 1)
     algo.weights(torch.tensor([[float("-inf"), 0.0, 0.0]], dtype=torch.float64), torch.tensor([0]))
     z = torch.tensor([[float("-inf"), 5.0, 5.0]], dtype=torch.float64)  # log s jumps by 5 > delta
     algo.weights(z, torch.tensor([0]))
@@ -238,6 +240,7 @@ def test_state_dict_carries_nu_and_mask():
 def test_zero_nu_is_not_unset():
     """The seed's `nu == 0` marker would re-initialise this row; the mask does not."""
     algo = build("asgd", 1, dtype=torch.float64, gamma=1.0)
+    algo.set_epoch(1, 1)
     z0 = torch.tensor([[float("-inf"), 0.0, 0.0]], dtype=torch.float64)  # log s = 0
     algo.weights(z0, torch.tensor([0]))
     assert algo.nu[0].item() == 0.0 and algo.nu_set[0]

@@ -145,7 +145,7 @@ def sharded_train_step(shard: Tensor, lo: int, loss_fn, features: Tensor, labels
     M = row_gradient_weights_(label_pos, G)  # (B, K); this rank's columns are a:b
     new_rows = torch.addmm(local_w, M[:, a:b].T, x, alpha=-lr)
     shard.index_copy_(0, local_rows, new_rows)
-    return StepResult(False, loss_fn._value, ctx.all_ok(bool(step_ok(loss_fn, new_rows))), K)
+    return StepResult(False, loss_fn.value, ctx.all_ok(bool(step_ok(loss_fn, new_rows))), K)
 
 
 @torch.no_grad()

@@ -27,12 +27,20 @@ algorithm keeps bounded, and where the mathematics itself is unbounded (an ASGD
 dual far below ``log s``) the exponent is saturated at :func:`max_exponent` so the
 result stays finite; the trainer then stops with a clear divergence message
 instead of writing NaN.
+
+The registry (:data:`REGISTRY`, one :class:`AlgorithmSpec` per algorithm, in the
+paper's legend order) is the one place that describes an algorithm to the rest of
+xcent: its class, tuned defaults, hyper-parameters (flag, config key, valid range,
+help) and its legend label/colour/marker. :func:`build`, the ``xcent train`` flags,
+``xcent compare``/``plot`` and the tests read it. Adding an algorithm is one class
+plus one :func:`register` call (``docs/adding-an-algorithm.md``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -41,25 +49,26 @@ from torch import Tensor, nn
 __all__ = [
     "ALGORITHMS",
     "DEFAULTS",
+    "REGISTRY",
+    "Algorithm",
+    "AlgorithmSpec",
+    "HParam",
+    "HParamFlag",
+    "asgd_dual_step",
+    "asgd_rate",
     "build",
+    "get",
+    "hyperparameters",
     "log_row_stat",
     "max_exponent",
+    "register",
+    "resolve_hparams",
     "scent_dual_step",
     "sox_dual_step",
-    "asgd_dual_step",
     "sox_rate",
-    "asgd_rate",
+    "unregister",
+    "validate",
 ]
-
-#: Tuned defaults of the spec (Glint360K, 50 epochs, batch 128).
-DEFAULTS: dict[str, dict[str, float]] = {
-    "scent": {"lr": 5.0, "gamma": 12.0},
-    "sox": {"lr": 5.0, "gamma": 1e-5},
-    "bsgd": {"lr": 1.0},
-    "asgd": {"lr": 0.5, "gamma": 1.0},
-    "softplus": {"lr": 0.5, "gamma": 1.0, "rho": 1e-3},
-    "umax": {"lr": 0.5, "gamma": 1.0, "delta": 1.0},
-}
 
 
 def max_exponent(dtype: torch.dtype) -> float:
@@ -135,30 +144,65 @@ def asgd_dual_step(nu: Tensor, log_stat: Tensor, rate: float) -> Tensor:
 # --------------------------------------------------------------------------- modules
 
 
-class _DualLoss(nn.Module):
-    """Per-row dual storage shared by the algorithms (``nu`` + explicit set-mask).
+class Algorithm(nn.Module):
+    """Base of the algorithms: per-row dual storage (``nu`` + explicit set-mask), the
+    epoch schedule, and the step shared by the dual algorithms.
 
-    Subclasses implement ``weights(logits, index) -> G``. ``nu`` is held in the
-    wider of float32 and the logits dtype, so float64 callers get float64 duals.
+    A dual algorithm implements :meth:`dual_step` (the update of a revisited row and
+    which dual its gradient uses); the base does the rest of :meth:`weights`: one
+    ``exp`` pass over the logits (``log s`` and ``G`` share it), first visits set to
+    ``log s``, the write-back, ``G = exp(z - nu_grad) / (B m)`` and the surrogate
+    value. An algorithm whose surrogate is not the dual form (softplus, BSGD)
+    overrides :meth:`weights` and :meth:`surrogate` instead.
+
+    Public state, all set here: ``nu``/``nu_set`` (buffers, so ``state_dict()``
+    carries them); ``value`` (0-dim tensor, the surrogate of the last step, NaN
+    before one); ``overflow`` (0-dim bool tensor: the last step had to saturate an
+    exponent, which the trainer treats as divergence; None for algorithms that
+    cannot saturate); ``grad_nu`` (the batch duals the last step's gradient used;
+    None for BSGD); ``epoch``/``epochs`` (the schedule position, None until set).
+    ``nu`` is held in the wider of float32 and the logits dtype, so float64
+    callers get float64 duals.
     """
 
     name = ""
+    #: True when the dual step size follows the epoch schedule: then a step before
+    #: :meth:`set_epoch` raises instead of silently using a rate of 0.
+    scheduled = False
 
-    def __init__(self, num_samples: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, num_samples: int, dtype: torch.dtype = torch.float32, epochs: int | None = None):
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {epochs}")
         self.num_samples = int(num_samples)
         # NaN marks "unset" too, so that a bug reading an unset dual is loud.
         self.register_buffer("nu", torch.full((num_samples,), float("nan"), dtype=dtype))
         self.register_buffer("nu_set", torch.zeros(num_samples, dtype=torch.bool))
-        self.epoch, self.epochs = 1, 1
+        self.epoch: int | None = None
+        self.epochs: int | None = None if epochs is None else int(epochs)
+        self.value: Tensor = torch.tensor(float("nan"), dtype=dtype)
+        self.overflow: Tensor | None = None
+        self.grad_nu: Tensor | None = None
 
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        """Set the 1-based epoch and total epochs that the dual schedule reads."""
+    def set_epoch(self, epoch: int, epochs: int | None = None) -> None:
+        """Set the 1-based epoch (and the total, unless given to :func:`build`) that
+        the dual schedule reads."""
+        epochs = self.epochs if epochs is None else int(epochs)
+        if epochs is None:
+            raise ValueError(f"{self.name}: set_epoch({epoch}) needs the number of epochs: "
+                             f"set_epoch(epoch, epochs) or build(..., epochs=E)")
         if not 1 <= epoch <= epochs:
             raise ValueError(f"epoch must be in [1, {epochs}], got {epoch}")
-        self.epoch, self.epochs = int(epoch), int(epochs)
+        self.epoch, self.epochs = int(epoch), epochs
+
+    def _schedule(self) -> tuple[int, int]:
+        """(epoch, epochs) for the dual schedule; raises before :meth:`set_epoch`."""
+        if self.epoch is None:
+            raise RuntimeError(f"{self.name}: the dual step size follows the epoch schedule, but no epoch is "
+                               f"set; call set_epoch(epoch, epochs) before the first step")
+        return self.epoch, self.epochs
 
     # -- helpers ------------------------------------------------------------
     def _read_nu(self, index: Tensor, init: Tensor) -> tuple[Tensor, Tensor]:
@@ -175,19 +219,44 @@ class _DualLoss(nn.Module):
         self.nu[index] = nu_new.to(self.nu.dtype)
         self.nu_set[index] = True
 
+    # -- the rule -----------------------------------------------------------
+    def dual_step(self, nu: Tensor, log_s: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        """``(nu_new, nu_grad)`` of revisited rows: the updated duals and the duals
+        the gradient uses (``nu`` itself or ``nu_new``). First visits are handled by
+        the caller (both become ``log s``)."""
+        raise NotImplementedError
+
+    def surrogate(self, logits: Tensor, nu: Tensor | None) -> Tensor:
+        """The minibatch surrogate at fixed duals ``nu`` (B,), differentiable in
+        ``logits``: ``G`` of a step is its gradient at ``nu = grad_nu``. Default: the
+        dual form ``mean_i(nu_i + s_i e^{-nu_i} - 1)``."""
+        return _dual_value(log_row_stat(logits), nu)
+
+    def weights(self, logits: Tensor, index: Tensor) -> Tensor:
+        """Update the duals of ``index`` and return ``G`` (B, K) (no autograd)."""
+        if self.scheduled:
+            self._schedule()
+        rows = _RowExp(logits)
+        log_s = rows.log_row_stat()
+        nu_old, first = self._read_nu(index, log_s)
+        nu_new, nu_grad = self.dual_step(nu_old, log_s)
+        nu_new = torch.where(first, log_s, nu_new)
+        nu_grad = torch.where(first, log_s, nu_grad)
+        self._write_nu(index, nu_new)
+        self.grad_nu = nu_grad
+        self.value = _dual_value(log_s, nu_grad)
+        return self._exp_weights(rows, nu_grad)
+
     def _exp_weights(self, rows: _RowExp, nu: Tensor) -> Tensor:
         """``G = exp(z - nu) / (B m)`` from the row exponentials of the logits,
-        recording in ``self.overflow`` (a 0-dim bool tensor) whether an exponent had
-        to be saturated, i.e. the exact arithmetic leaves the dtype's safe range: the
-        trainer treats that as divergence, where the seed's code would start
+        recording in ``self.overflow`` whether an exponent had to be saturated, i.e.
+        the exact arithmetic leaves the dtype's safe range: the trainer treats that
+        as divergence, where the reference implementation's code would start
         producing inf/NaN. (``max_ij (z_ij - nu_i) = max_i (M_i - nu_i)``: B values,
         not a pass over the (B, K) matrix.)"""
         shift = rows.row_max - nu
         self.overflow = shift.amax() > max_exponent(shift.dtype)
         return rows.weights(nu, shift, self.overflow)
-
-    def weights(self, logits: Tensor, index: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
 
     def forward(self, logits: Tensor, index: Tensor) -> Tensor:
         """Update the duals of ``index`` and return the surrogate loss.
@@ -197,7 +266,7 @@ class _DualLoss(nn.Module):
         _check_batch(logits, index)
         with torch.no_grad():
             G = self.weights(logits.detach(), index)
-            value = self._value
+            value = self.value
         finite = torch.isfinite(logits)
         z = torch.where(finite, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
         return value + (G * (z - z.detach())).sum()
@@ -250,113 +319,83 @@ def _dual_value(log_s: Tensor, nu: Tensor) -> Tensor:
     return (nu + _saturated_exp(log_s - nu) - 1.0).mean()
 
 
-class SCENT(_DualLoss):
+class SCENT(Algorithm):
     """SCENT: stochastic proximal mirror descent on ``nu`` (:func:`scent_dual_step`,
     ``alpha = e^gamma``, no schedule), gradient with the **new** dual:
     ``G_ij = exp(z_ij - nu_new_i) / (B m)``."""
 
     name = "scent"
 
-    def __init__(self, num_samples: int, gamma: float = DEFAULTS["scent"]["gamma"], dtype=torch.float32):
-        super().__init__(num_samples, dtype)
+    def __init__(self, num_samples: int, *, gamma: float, dtype=torch.float32, epochs: int | None = None):
+        super().__init__(num_samples, dtype, epochs)
         self.gamma = float(gamma)
 
-    def weights(self, logits: Tensor, index: Tensor) -> Tensor:
-        rows = _RowExp(logits)
-        log_s = rows.log_row_stat()
-        nu_old, first = self._read_nu(index, log_s)
-        nu_new = torch.where(first, log_s, scent_dual_step(nu_old, log_s, self.gamma))
-        self._write_nu(index, nu_new)
-        self._value = _dual_value(log_s, nu_new)
-        return self._exp_weights(rows, nu_new)
+    def dual_step(self, nu: Tensor, log_s: Tensor) -> tuple[Tensor, Tensor]:
+        nu_new = scent_dual_step(nu, log_s, self.gamma)
+        return nu_new, nu_new
 
 
-class SOX(_DualLoss):
+class SOX(Algorithm):
     """SOX: moving average ``nu_new = log((1 - r_e) e^nu + r_e s)`` with
     :func:`sox_rate`; gradient with the **new** dual, as SCENT."""
 
     name = "sox"
+    scheduled = True
 
-    def __init__(self, num_samples: int, gamma: float = DEFAULTS["sox"]["gamma"], dtype=torch.float32):
-        super().__init__(num_samples, dtype)
+    def __init__(self, num_samples: int, *, gamma: float, dtype=torch.float32, epochs: int | None = None):
+        super().__init__(num_samples, dtype, epochs)
         self.gamma = float(gamma)
 
     @property
     def rate(self) -> float:
-        return sox_rate(self.gamma, self.epoch, self.epochs)
+        return sox_rate(self.gamma, *self._schedule())
 
-    def weights(self, logits: Tensor, index: Tensor) -> Tensor:
-        rows = _RowExp(logits)
-        log_s = rows.log_row_stat()
-        nu_old, first = self._read_nu(index, log_s)
-        nu_new = torch.where(first, log_s, sox_dual_step(nu_old, log_s, self.rate))
-        self._write_nu(index, nu_new)
-        self._value = _dual_value(log_s, nu_new)
-        return self._exp_weights(rows, nu_new)
+    def dual_step(self, nu: Tensor, log_s: Tensor) -> tuple[Tensor, Tensor]:
+        nu_new = sox_dual_step(nu, log_s, self.rate)
+        return nu_new, nu_new
 
 
-class ASGD(_DualLoss):
+class ASGD(Algorithm):
     """ASGD: SGD on the dual, ``nu_new = nu - r_e (1 - s e^{-nu})`` with
     :func:`asgd_rate`; gradient with the **old** dual:
     ``G_ij = exp(z_ij - nu_old_i) / (B m)``."""
 
     name = "asgd"
+    scheduled = True
 
-    def __init__(self, num_samples: int, gamma: float = DEFAULTS["asgd"]["gamma"], dtype=torch.float32):
-        super().__init__(num_samples, dtype)
+    def __init__(self, num_samples: int, *, gamma: float, dtype=torch.float32, epochs: int | None = None):
+        super().__init__(num_samples, dtype, epochs)
         self.gamma = float(gamma)
 
     @property
     def rate(self) -> float:
-        return asgd_rate(self.gamma, self.epoch, self.epochs)
+        return asgd_rate(self.gamma, *self._schedule())
 
-    def weights(self, logits: Tensor, index: Tensor) -> Tensor:
-        rows = _RowExp(logits)
-        log_s = rows.log_row_stat()
-        nu_old, first = self._read_nu(index, log_s)
-        nu_new = torch.where(first, log_s, asgd_dual_step(nu_old, log_s, self.rate))
-        self._write_nu(index, nu_new)
-        self._value = _dual_value(log_s, nu_old)
-        return self._exp_weights(rows, nu_old)
+    def dual_step(self, nu: Tensor, log_s: Tensor) -> tuple[Tensor, Tensor]:
+        return asgd_dual_step(nu, log_s, self.rate), nu
 
 
-class UMax(_DualLoss):
+class UMax(ASGD):
     """U-max: the ASGD step, then a reset ``nu_new = log s`` wherever
     ``nu_new < log s - delta``; gradient with the **new** dual (after the reset).
     ``delta = inf`` is exactly ASGD, old dual in the gradient included."""
 
     name = "umax"
 
-    def __init__(
-        self,
-        num_samples: int,
-        gamma: float = DEFAULTS["umax"]["gamma"],
-        delta: float = DEFAULTS["umax"]["delta"],
-        dtype=torch.float32,
-    ):
-        super().__init__(num_samples, dtype)
-        self.gamma, self.delta = float(gamma), float(delta)
+    def __init__(self, num_samples: int, *, gamma: float, delta: float, dtype=torch.float32,
+                 epochs: int | None = None):
+        super().__init__(num_samples, gamma=gamma, dtype=dtype, epochs=epochs)
+        self.delta = float(delta)
 
-    @property
-    def rate(self) -> float:
-        return asgd_rate(self.gamma, self.epoch, self.epochs)
-
-    def weights(self, logits: Tensor, index: Tensor) -> Tensor:
-        rows = _RowExp(logits)
-        log_s = rows.log_row_stat()
-        nu_old, first = self._read_nu(index, log_s)
-        nu_new = torch.where(first, log_s, asgd_dual_step(nu_old, log_s, self.rate))
+    def dual_step(self, nu: Tensor, log_s: Tensor) -> tuple[Tensor, Tensor]:
+        nu_new, nu_old = super().dual_step(nu, log_s)
         if math.isinf(self.delta):  # no reset can fire: plain ASGD
-            nu_grad = nu_old
-        else:
-            nu_new = torch.where(nu_new < log_s - self.delta, log_s, nu_new)
-            nu_grad = nu_new
-        self._write_nu(index, nu_new)
-        self._value = _dual_value(log_s, nu_grad)
-        return self._exp_weights(rows, nu_grad)
+            return nu_new, nu_old
+        nu_new = torch.where(nu_new < log_s - self.delta, log_s, nu_new)
+        return nu_new, nu_new
 
 
-class ASGDSoftplus(_DualLoss):
+class ASGDSoftplus(Algorithm):
     """ASGD on the softplus-smoothed objective, ``rho`` > 0.
 
     ``e_ij = exp(z_ij - nu_i)``, ``q_i = (1/m) sum_j e_ij / (1 + rho e_ij)``,
@@ -364,26 +403,22 @@ class ASGDSoftplus(_DualLoss):
     ``L = (1/B) sum_i (1/m) sum_j (1/rho) log(1 + rho e_ij)``, so
     ``G_ij = e_ij / (1 + rho e_ij) / (B m)`` with the **old** dual. First visit:
     ``nu = log q`` computed at ``nu = 0``. Naturally bounded: ``q <= 1/rho``.
-    The seed averages over K columns; we use m (a factor (K-1)/K).
+    The reference implementation averages over K columns; we use m (a factor (K-1)/K).
     """
 
     name = "softplus"
+    scheduled = True
 
-    def __init__(
-        self,
-        num_samples: int,
-        gamma: float = DEFAULTS["softplus"]["gamma"],
-        rho: float = DEFAULTS["softplus"]["rho"],
-        dtype=torch.float32,
-    ):
-        super().__init__(num_samples, dtype)
-        if rho <= 0:
+    def __init__(self, num_samples: int, *, gamma: float, rho: float, dtype=torch.float32,
+                 epochs: int | None = None):
+        super().__init__(num_samples, dtype, epochs)
+        if not rho > 0:
             raise ValueError(f"softplus rho must be > 0, got {rho}")
         self.gamma, self.rho = float(gamma), float(rho)
 
     @property
     def rate(self) -> float:
-        return asgd_rate(self.gamma, self.epoch, self.epochs)
+        return asgd_rate(self.gamma, *self._schedule())
 
     def _shifted(self, logits: Tensor, nu: Tensor) -> Tensor:
         """``x_ij = z_ij - nu_i + log rho``: then ``e/(1 + rho e) = sigmoid(x)/rho``
@@ -396,7 +431,18 @@ class ASGDSoftplus(_DualLoss):
         m = x.shape[1] - 1
         return torch.logsumexp(F.logsigmoid(x), dim=1) - (math.log(self.rho) + math.log(m))
 
+    def _value(self, x: Tensor) -> Tensor:
+        # (1/rho) log(1 + rho e) = softplus(x) / rho summed over valid entries
+        # (softplus(-inf) = 0; F.softplus returns x above x = 20, where the true value
+        # differs by < 2.1e-9: below float32 rounding of a value over 20)
+        B, K = x.shape
+        return F.softplus(x).sum() / (self.rho * B * (K - 1))
+
+    def surrogate(self, logits: Tensor, nu: Tensor | None) -> Tensor:
+        return self._value(self._shifted(logits, nu))
+
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
+        self._schedule()
         B, K = logits.shape
         m = K - 1
         any_fresh = bool((~self.nu_set[index]).any())
@@ -416,14 +462,12 @@ class ASGDSoftplus(_DualLoss):
             q = terms.sum(dim=1) / (self.rho * m)
             nu_new = torch.where(first, log_q0, nu_old - self.rate * (1.0 - q))
         self._write_nu(index, nu_new)
-        # (1/rho) log(1 + rho e) = softplus(x) / rho summed over valid entries
-        # (softplus(-inf) = 0; F.softplus returns x above x = 20, where the true value
-        # differs by < 2.1e-9: below float32 rounding of a value over 20)
-        self._value = F.softplus(x).sum() / (self.rho * B * m)
+        self.grad_nu = nu_old
+        self.value = self._value(x)
         return terms.mul_(1.0 / (self.rho * B * m))
 
 
-class BSGD(_DualLoss):
+class BSGD(Algorithm):
     """BSGD: biased SGD on the primal, no dual. ``L = (1/B) sum_i logsumexp_j z_ij``,
     so ``G_ij = softmax_j(z_i)_j / B``.
 
@@ -432,41 +476,308 @@ class BSGD(_DualLoss):
 
     name = "bsgd"
 
+    def surrogate(self, logits: Tensor, nu: Tensor | None) -> Tensor:
+        return torch.logsumexp(logits, dim=1).mean()
+
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
         rows = _RowExp(logits)
-        self._value = (rows.log_sum + rows.row_max).mean()
+        self.value = (rows.log_sum + rows.row_max).mean()
         # softmax / B = E / (B sum_j E): a per-row rescaling of E, in place
         return rows.E.div_((rows.E.sum(dim=1) * logits.shape[0])[:, None])
 
 
-#: name -> constructor(num_samples, **hparams)
-ALGORITHMS: dict[str, Callable[..., nn.Module]] = {
-    "scent": SCENT,
-    "sox": SOX,
-    "asgd": ASGD,
-    "softplus": ASGDSoftplus,
-    "umax": UMax,
-    "bsgd": BSGD,
-}
-
-_HPARAMS = {"scent": {"gamma"}, "sox": {"gamma"}, "asgd": {"gamma"}, "umax": {"gamma", "delta"},
-            "softplus": {"gamma", "rho"}, "bsgd": set()}
+# --------------------------------------------------------------------------- the registry
 
 
-def build(name: str, num_samples: int, dtype: torch.dtype = torch.float32, **hparams) -> nn.Module:
+def _fmt_number(value: float) -> str:
+    return format(value, "g")
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyper-parameter of an algorithm: its keyword for the class (``name``), its
+    config key (``key``, default ``name``; the ``xcent train`` flag is ``--key`` with
+    dashes), tuned default, help, and valid range ``[low, high]`` (``low_open`` /
+    ``high_open`` exclude an end; infinite values are refused unless ``inf_ok``,
+    which admits ``+inf``; NaN is always refused). ``argument=False`` marks a value
+    the trainer reads rather than the class (the learning rate)."""
+
+    name: str
+    default: float
+    help: str
+    key: str = ""
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    inf_ok: bool = False
+    argument: bool = True
+
+    def __post_init__(self):
+        if not self.key:
+            object.__setattr__(self, "key", self.name)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    def range_text(self) -> str:
+        """The valid range in words, e.g. ``>= 0 and finite``, ``in [0, 1]``."""
+        lo, hi = self.low, self.high
+        if lo == -math.inf and hi == math.inf:
+            text = "a finite number"
+        elif hi == math.inf:
+            text = f"{'>' if self.low_open else '>='} {_fmt_number(lo)}"
+        elif lo == -math.inf:
+            text = f"{'<' if self.high_open else '<='} {_fmt_number(hi)}"
+        else:
+            text = (f"in {'(' if self.low_open else '['}{_fmt_number(lo)}, {_fmt_number(hi)}"
+                    f"{')' if self.high_open else ']'}")
+        if hi == math.inf and lo != -math.inf:
+            text += " or inf" if self.inf_ok else " and finite"
+        return text
+
+    def contains(self, value: float) -> bool:
+        if math.isnan(value) or (math.isinf(value) and not (self.inf_ok and value > 0)):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def check(self, value, algorithm: str) -> float:
+        """``value`` as a float, or ValueError with one line naming the flag."""
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.flag} {value}: expected a number") from None
+        if not self.contains(number):
+            raise ValueError(f"{self.flag} {_fmt_number(number)}: must be {self.range_text()} for {algorithm}")
+        return number
+
+
+def _lr(default: float) -> HParam:
+    return HParam("lr", default, "learning rate of the per-epoch cosine schedule", low=0.0, low_open=True,
+                  argument=False)
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """Everything xcent knows about one algorithm.
+
+    ``cls(num_samples, dtype=..., epochs=..., **{h.name: value})`` builds it;
+    ``lr`` is its tuned learning rate and ``hparams`` its own hyper-parameters
+    (with tuned defaults); ``label``/``color``/``marker``/``linestyle`` draw it in
+    ``xcent compare``/``plot`` (``color`` None: one from a spare palette);
+    ``summary`` is a one-line description for help and docs tables."""
+
+    name: str
+    cls: type
+    lr: float
+    hparams: tuple[HParam, ...] = ()
+    label: str = ""
+    color: str | None = None
+    marker: str = "o"
+    linestyle: str = "-"
+    summary: str = ""
+    parameters: tuple[HParam, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+        object.__setattr__(self, "parameters", (_lr(self.lr),) + tuple(self.hparams))
+
+    @property
+    def defaults(self) -> dict[str, float]:
+        """Tuned values by keyword name (``lr`` first): ``{"lr": 5.0, "gamma": 12.0}``."""
+        return {p.name: p.default for p in self.parameters}
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Config keys of the hyper-parameters it uses, ``lr`` first."""
+        return tuple(p.key for p in self.parameters)
+
+
+#: The registered algorithms, name -> spec, in the paper's legend order.
+REGISTRY: dict[str, AlgorithmSpec] = {}
+
+#: Colours for registered algorithms that name none (in registration order).
+SPARE_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#7f7f7f", "#393b79", "#637939")
+
+
+def register(spec: AlgorithmSpec) -> AlgorithmSpec:
+    """Add ``spec`` to :data:`REGISTRY` (at the end of the legend order). A config key
+    already used by another algorithm must mean the same keyword there, so that one
+    ``xcent train`` flag maps to one class argument."""
+    name = spec.name.lower()
+    if name != spec.name or not name.isidentifier():
+        raise ValueError(f"algorithm name {spec.name!r}: use a lower-case identifier")
+    if name in REGISTRY:
+        raise ValueError(f"algorithm {name!r} is already registered")
+    for p in spec.parameters:
+        if not p.contains(p.default):
+            raise ValueError(f"{name}: default {p.name} = {p.default} is outside its range {p.range_text()}")
+        for other in REGISTRY.values():
+            for q in other.parameters:
+                if q.key == p.key and q.name != p.name:
+                    raise ValueError(f"{name}: config key {p.key!r} is {other.name}'s {q.name!r}, not {p.name!r}")
+    if spec.color is None:
+        used = {s.color for s in REGISTRY.values()}
+        spare = [c for c in SPARE_COLORS if c not in used] or list(SPARE_COLORS)
+        spec = replace(spec, color=spare[0])
+    REGISTRY[name] = spec
+    return spec
+
+
+def unregister(name: str) -> AlgorithmSpec:
+    """Remove and return an algorithm (for tests that register a temporary one)."""
+    return REGISTRY.pop(name)
+
+
+def get(name: str) -> AlgorithmSpec:
+    """The spec of ``name`` (case-insensitive); ValueError naming the choices otherwise."""
+    spec = REGISTRY.get(str(name).lower())
+    if spec is None:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(REGISTRY)}")
+    return spec
+
+
+class _View(Mapping):
+    """A read-only mapping name -> f(spec) that follows the registry."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def __getitem__(self, name: str):
+        return self._fn(REGISTRY[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(REGISTRY)
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: name -> class (a view of the registry)
+ALGORITHMS: Mapping[str, type] = _View(lambda spec: spec.cls)
+#: name -> tuned defaults by keyword, ``{"lr": ..., "gamma": ...}`` (a view of the registry)
+DEFAULTS: Mapping[str, dict[str, float]] = _View(lambda spec: spec.defaults)
+
+
+@dataclass(frozen=True)
+class HParamFlag:
+    """One ``xcent train`` flag over all registered algorithms that use its key."""
+
+    key: str
+    flag: str
+    name: str
+    help: str
+    inf_ok: bool
+    per_algorithm: dict  # algorithm name -> HParam (its default, range and help)
+
+
+def hyperparameters() -> list[HParamFlag]:
+    """Every hyper-parameter flag of the registered algorithms (``lr`` first), merged by
+    config key, with a help text that gives each algorithm's meaning, range and tuned
+    default. The trainer's flags are these, each defaulting to None (the algorithm's
+    tuned value)."""
+    merged: dict[str, list[tuple[str, HParam]]] = {}
+    for spec in REGISTRY.values():
+        for p in spec.parameters:
+            merged.setdefault(p.key, []).append((spec.name, p))
+    flags = []
+    for key, uses in merged.items():
+        first = uses[0][1]
+        if key == "lr":
+            help_text = (f"{first.help}, {first.range_text()}; default: the algorithm's tuned value ("
+                         + ", ".join(f"{a} {_fmt_number(p.default)}" for a, p in uses) + ")")
+        else:  # algorithms that share a meaning (the same HParam) share one clause
+            clauses: dict[HParam, list[str]] = {}
+            for a, p in uses:
+                clauses.setdefault(p, []).append(a)
+            help_text = "; ".join(f"{', '.join(names)}: {p.help}, {p.range_text()}, default {_fmt_number(p.default)}"
+                                  for p, names in clauses.items())
+        flags.append(HParamFlag(key, first.flag, first.name, help_text, any(p.inf_ok for _, p in uses),
+                                dict(uses)))
+    return flags
+
+
+def validate(name: str, hparams: Mapping) -> dict[str, float]:
+    """Check the given hyper-parameters of algorithm ``name`` against their ranges.
+
+    ``hparams`` maps config keys (``gamma``, ``softplus_rho``, ``umax_delta``, ``lr``)
+    or class keywords (``rho``, ``delta``) to values; None values are skipped, and so
+    are the hyper-parameters of other registered algorithms (a trainer may pass every
+    flag to every algorithm). Returns ``{config key: float}`` of the algorithm's own
+    given values. Raises ValueError with one line naming the flag."""
+    spec = get(name)
+    own = {p.key: p for p in spec.parameters} | {p.name: p for p in spec.parameters}
+    known = {k for s in REGISTRY.values() for p in s.parameters for k in (p.key, p.name)}
+    out = {}
+    for k, v in hparams.items():
+        if v is None:
+            continue
+        if k in own:
+            out[own[k].key] = own[k].check(v, spec.name)
+        elif k not in known:
+            raise ValueError(f"unknown hyper-parameter {k!r} for {spec.name}")
+    return out
+
+
+def resolve_hparams(name: str, hparams: Mapping) -> dict[str, float]:
+    """:func:`validate`, then the tuned defaults for what is not given: all of the
+    algorithm's hyper-parameters by config key, ``lr`` first."""
+    given = validate(name, hparams)
+    return {p.key: given.get(p.key, p.default) for p in get(name).parameters}
+
+
+def build(name: str, num_samples: int, dtype: torch.dtype = torch.float32, epochs: int | None = None,
+          **hparams) -> Algorithm:
     """The algorithm ``name`` with ``num_samples`` duals.
 
-    ``hparams``: ``gamma`` (all but bsgd), ``rho`` (softplus), ``delta`` (umax);
-    missing ones take the tuned defaults of :data:`DEFAULTS`; ``None`` values are
-    ignored (treated as missing) and so is ``gamma`` for bsgd, so that a trainer
-    can pass every flag to every algorithm."""
-    key = name.lower()
-    if key not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
-    allowed = _HPARAMS[key]
-    given = {k: v for k, v in hparams.items() if v is not None}
-    unknown = set(given) - allowed - {"gamma", "rho", "delta"}
-    if unknown:
-        raise ValueError(f"unknown hyper-parameter(s) {sorted(unknown)} for {key}")
-    kwargs = {k: float(v) for k, v in given.items() if k in allowed}
-    return ALGORITHMS[key](num_samples, dtype=dtype, **kwargs)
+    ``hparams`` by class keyword or config key (``gamma``, ``rho``/``softplus_rho``,
+    ``delta``/``umax_delta``); missing ones take the tuned defaults, None values are
+    ignored and so are other algorithms' hyper-parameters (``gamma`` for bsgd), so that
+    a trainer can pass every flag to every algorithm; ``lr`` is checked but not used by
+    the module. Out-of-range values raise ValueError naming the flag. A scheduled
+    algorithm (sox, asgd, softplus, umax) needs :meth:`Algorithm.set_epoch` before its
+    first step; ``epochs`` given here lets it be called as ``set_epoch(epoch)``."""
+    spec = get(name)
+    values = resolve_hparams(spec.name, hparams)
+    kwargs = {p.name: values[p.key] for p in spec.parameters if p.argument}
+    return spec.cls(num_samples, dtype=dtype, epochs=epochs, **kwargs)
+
+
+# One object for the ASGD family's shared meaning of --gamma.
+_ASGD_GAMMA = HParam("gamma", 1.0, "dual SGD step r_e = gamma (1 + cos(pi e/E))/2", low=0.0)
+
+
+# The paper's legend order (BSGD first, SCENT last); colours as in its figure.
+register(AlgorithmSpec(
+    "bsgd", BSGD, lr=1.0, label="BSGD", color="#1f77b4", marker="o",
+    summary="biased SGD on the in-batch log-sum-exp (no dual)"))
+register(AlgorithmSpec(
+    "asgd", ASGD, lr=0.5, label="ASGD", color="#ff7f0e", marker="s",
+    hparams=(_ASGD_GAMMA,),
+    summary="SGD on the dual, cosine-scheduled step"))
+register(AlgorithmSpec(
+    "softplus", ASGDSoftplus, lr=0.5, label="ASGD (Softplus)", color="#2ca02c", marker="^", linestyle="--",
+    hparams=(_ASGD_GAMMA,
+             HParam("rho", 1e-3, "softplus smoothing rho", key="softplus_rho", low=0.0, low_open=True)),
+    summary="ASGD on the softplus-smoothed objective"))
+register(AlgorithmSpec(
+    "umax", UMax, lr=0.5, label="U-max", color="#9467bd", marker="v", linestyle=":",
+    hparams=(_ASGD_GAMMA,
+             HParam("delta", 1.0, "reset nu to log s when it falls more than delta below it (inf: ASGD)",
+                    key="umax_delta", low=0.0, inf_ok=True)),
+    summary="ASGD with a reset of lagging duals"))
+register(AlgorithmSpec(
+    "sox", SOX, lr=5.0, label="SOX", color="#8c564b", marker="D",
+    hparams=(HParam("gamma", 1e-5, "final moving-average weight r_E (0: 4.177 E^-0.7265)", low=0.0, high=1.0),),
+    summary="moving average of the row statistic, cosine-scheduled weight"))
+register(AlgorithmSpec(
+    "scent", SCENT, lr=5.0, label="SCENT", color="#d62728", marker="*",
+    hparams=(HParam("gamma", 12.0, "log of the mirror-descent step, alpha = e^gamma"),),
+    summary="stochastic proximal mirror descent on the dual (the paper's method)"))

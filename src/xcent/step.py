@@ -45,7 +45,7 @@ def train_step(weight: Tensor, loss_fn: nn.Module, features: Tensor, labels: Ten
         return StepResult(True, torch.tensor(float("nan")), True, batch.num_distinct)
     grad_logits = loss_fn.weights(batch.logits, index.to(weight.device))
     new_rows = sparse_sgd_step(weight, batch, grad_logits, lr)
-    loss = loss_fn._value
+    loss = loss_fn.value
     finite = bool(step_ok(loss_fn, new_rows)) if check_finite else True
     return StepResult(False, loss, finite, batch.num_distinct)
 
@@ -57,6 +57,5 @@ def step_ok(loss_fn: nn.Module, new_rows: Tensor) -> Tensor:
     One pass: a float64 sum of float32 rows cannot overflow, so it is finite exactly
     when every entry is (inf and NaN propagate; inf - inf is NaN). (float64 weights:
     only with entries beyond ~1e304, far past divergence.)"""
-    ok = torch.isfinite(new_rows.sum(dtype=torch.float64) + loss_fn._value)
-    overflow = getattr(loss_fn, "overflow", None)
-    return ok if overflow is None else ok & ~overflow
+    ok = torch.isfinite(new_rows.sum(dtype=torch.float64) + loss_fn.value)
+    return ok if loss_fn.overflow is None else ok & ~loss_fn.overflow

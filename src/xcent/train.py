@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import losses
 from . import modelio as ckpt_io
 from .classifier import full_softmax_stats, init_weight
 from .data import Dataset, load_dataset
@@ -30,7 +31,7 @@ from .device import resolve_device
 from .errors import DivergenceError, UsageError
 from .evaluate import evaluate
 from .fileio import write_text_atomic
-from .losses import ALGORITHMS, DEFAULTS, build
+from .losses import ALGORITHMS, build
 from .step import train_step
 
 log = logging.getLogger("xcent")
@@ -88,16 +89,12 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=128, help="rows per step (the global batch under torchrun)")
     p.add_argument("--data-size", type=int, default=None, help="training rows; inferred, checked if given")
     p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--lr", type=float, default=None, help="default: the tuned value of the algorithm")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out-dir", type=str, default="outputs")
-    p.add_argument("--gamma", type=float, default=None,
-                   help="dual step: scent log-step (alpha = e^gamma), sox weight floor, asgd-family rate; "
-                        "default: the tuned value")
     p.add_argument("--warmup-epochs", type=int, default=0)
     p.add_argument("--save-frequency", type=int, default=1, help="checkpoint every N epochs (and at the end)")
-    p.add_argument("--softplus-rho", type=_real, default=DEFAULTS["softplus"]["rho"])
-    p.add_argument("--umax-delta", type=_real, default=DEFAULTS["umax"]["delta"], help="'inf' gives ASGD")
+    for hp in losses.hyperparameters():  # --lr, --gamma, --softplus-rho, --umax-delta: from the registry
+        p.add_argument(hp.flag, type=_real, default=None, help=hp.help)
     p.add_argument("--resume", type=str, default=None, help="a checkpoint path, or 'latest'")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--name", type=str, default=None, help="run name (default: the algorithm)")
@@ -132,22 +129,21 @@ def resolve_config(cfg) -> dict:
         raise UsageError(f"--warmup-epochs {c['warmup_epochs']}: must be in [0, --epochs)")
     if c["train_loss"] not in ("subset", "running"):
         raise UsageError(f"--train-loss {c['train_loss']}: expected subset or running")
-    defaults = DEFAULTS[c["algorithm"]]
-    if c["lr"] is None:
-        c["lr"] = defaults["lr"]
-    if c["gamma"] is None:
-        c["gamma"] = defaults.get("gamma")
-    if c["lr"] <= 0 or not math.isfinite(c["lr"]):
-        raise UsageError(f"--lr {c['lr']}: must be a positive number")
-    if c["algorithm"] == "softplus" and not c["softplus_rho"] > 0:
-        raise UsageError(f"--softplus-rho {c['softplus_rho']}: must be > 0")
+    # the algorithm's hyper-parameters: tuned defaults and ranges from the registry;
+    # the keys it does not use are None in the resolved config
+    keys = [hp.key for hp in losses.hyperparameters()]
+    try:
+        hparams = losses.resolve_hparams(c["algorithm"], {k: c.get(k) for k in keys})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    c.update({k: hparams.get(k) for k in keys})
     if c["name"] is None:
         c["name"] = c["algorithm"]
     return c
 
 
 def build_loss(c: dict, num_samples: int):
-    return build(c["algorithm"], num_samples, gamma=c["gamma"], rho=c["softplus_rho"], delta=c["umax_delta"])
+    return build(c["algorithm"], num_samples, **{hp.key: c.get(hp.key) for hp in losses.hyperparameters()})
 
 
 # ----------------------------------------------------------------------------- run directory
