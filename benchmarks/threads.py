@@ -126,7 +126,7 @@ def sweep(a) -> int:
                 for threads in (1, cores):
                     torch.set_num_threads(threads)
 
-                    def one():
+                    def one(B=B, gen=gen, weight=weight, loss_fn=loss_fn):
                         x = torch.randn(B, cm.FEATURE_DIM, generator=gen)
                         y = torch.randint(0, a.classes, (B,), generator=gen)
                         idx = torch.randint(0, 1 << 20, (B,), generator=gen)
