@@ -39,9 +39,8 @@ def test_use_sets_and_restores_the_thread_count():
     with ThreadPolicy.use(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
-    with pytest.raises(RuntimeError):
-        with ThreadPolicy.use(1):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), ThreadPolicy.use(1):
+        raise RuntimeError("boom")
     assert torch.get_num_threads() == before
 
 

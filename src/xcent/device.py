@@ -3,8 +3,8 @@ the CPU thread policy (``--threads``) of each phase of the work."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
