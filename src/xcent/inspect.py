@@ -42,7 +42,9 @@ def data_report(data: Dataset, sample_rows: int = 20000, seed: int = 0) -> dict:
     rpc_min, rpc_median, rpc_max = int(present.min()), float(present.double().median()), int(present.max())
     gen = torch.Generator().manual_seed(int(seed))
     n = train.num_samples
-    rows = None if sample_rows <= 0 or sample_rows >= n else torch.randperm(n, generator=gen)[:sample_rows].sort().values
+    rows = (
+        None if sample_rows <= 0 or sample_rows >= n else torch.randperm(n, generator=gen)[:sample_rows].sort().values
+    )
     norms = torch.cat([f.to(torch.float32).norm(dim=1) for f, _ in train.chunks(rows)])
     p5, p50, p95 = _quantiles(norms, [0.05, 0.5, 0.95])
     report = {

@@ -55,7 +55,9 @@ def inspect_main(argv: list[str]) -> int:
         "Report rows, classes, train rows per class, feature norms and val/test classes unseen in train "
         "of DATA_DIR, with the settings it suggests."))
     p.add_argument("data_dir", type=str, help="DATA_DIR/{train,val,test}/features|labels.{pt,npy}")
-    p.add_argument("--json", type=str, default=None, help="also write the report as JSON to this file ('-': stdout only)")
+    p.add_argument(
+        "--json", type=str, default=None, help="also write the report as JSON to this file ('-': stdout only)"
+    )
     p.add_argument("--sample-rows", type=int, default=20000, help="train rows read for the norm figures; 0 = all")
     p.add_argument("--check-features", type=bool, default=False, help="scan every feature for NaN/Inf first")
     a = p.parse_args(argv)
