@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 import xcent.train
-from xcent import cli, compare
+from xcent import cli, compare, losses
+from xcent.cli import compare as compare_cli
+from xcent.compare import plan as compare_plan
 from xcent.data import synthesize
 from xcent.errors import DivergenceError
 
@@ -29,7 +31,7 @@ def data_dir(tmp_path_factory):
 def compared(data_dir, tmp_path_factory):
     """One finished comparison: scent and bsgd, two seeds, two epochs."""
     out = tmp_path_factory.mktemp("cmp") / "out"
-    rc = compare.compare_main(["--data-dir", str(data_dir), "--out-dir", str(out), "--algorithms", "scent,bsgd",
+    rc = compare_cli.compare_main(["--data-dir", str(data_dir), "--out-dir", str(out), "--algorithms", "scent,bsgd",
                                "--seeds", "1,2", "--epochs", "2", *TRAIN_FLAGS])
     assert rc == 0
     return out
@@ -122,7 +124,7 @@ def test_figure_panels_and_curves(compared):
             x, y = lines[label].get_data()
             assert list(x) == [0, 1, 2]
             assert list(y) == pytest.approx([statistics.fmean(r[e][key] for r in runs) for e in range(3)])
-            assert lines[label].get_color() == compare.COLORS[algo]
+            assert lines[label].get_color() == losses.get(algo).color
         assert len(ax.collections) == 2  # one min-max band per algorithm
     from PIL import Image
 
@@ -139,7 +141,7 @@ def test_second_call_skips_finished_runs(compared, data_dir, monkeypatch):
     calls = _spy_train(monkeypatch)
     jsonl = compared / "scent_seed1" / "eval_scent_seed1.jsonl"
     before = (jsonl.stat().st_mtime_ns, jsonl.read_bytes())
-    rc = compare.compare_main(["--data-dir", str(data_dir), "--out-dir", str(compared), "--algorithms",
+    rc = compare_cli.compare_main(["--data-dir", str(data_dir), "--out-dir", str(compared), "--algorithms",
                                "scent,bsgd", "--seeds", "1,2", "--epochs", "2", *TRAIN_FLAGS])
     assert rc == 0 and calls == []
     assert (jsonl.stat().st_mtime_ns, jsonl.read_bytes()) == before
@@ -153,7 +155,7 @@ def test_interrupted_run_resumes_from_checkpoint(compared, data_dir, tmp_path, m
     (run / "checkpoints" / "epoch_2.pt").unlink()  # as if killed during epoch 2
     (run / "eval_bsgd_seed2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:2]))
     calls = _spy_train(monkeypatch)
-    rc = compare.compare_main(["--data-dir", str(data_dir), "--out-dir", str(out), "--algorithms", "scent,bsgd",
+    rc = compare_cli.compare_main(["--data-dir", str(data_dir), "--out-dir", str(out), "--algorithms", "scent,bsgd",
                                "--seeds", "1,2", "--epochs", "2", *TRAIN_FLAGS])
     assert rc == 0
     assert [c["name"] for c in calls] == ["bsgd_seed2"]
@@ -171,7 +173,7 @@ def test_failed_run_is_reported_and_others_go_on(data_dir, tmp_path, monkeypatch
     argv = ["--data-dir", str(data_dir), "--out-dir", str(out), "--algorithms", "sox,bsgd", "--epochs", "1",
             *TRAIN_FLAGS]
     calls = _spy_train(monkeypatch, fail_algorithm="sox")
-    assert compare.compare_main(argv) == 1
+    assert compare_cli.compare_main(argv) == 1
     assert [c["algorithm"] for c in calls] == ["sox", "bsgd"]
     summary = json.loads((out / "compare.json").read_text())
     status = {r["name"]: r["status"] for r in summary["runs"]}
@@ -182,9 +184,9 @@ def test_failed_run_is_reported_and_others_go_on(data_dir, tmp_path, monkeypatch
     assert "sox_seed42" in capsys.readouterr().err
 
     calls = _spy_train(monkeypatch)  # a second call reports it again without rerunning anything
-    assert compare.compare_main(argv) == 1 and calls == []
+    assert compare_cli.compare_main(argv) == 1 and calls == []
     calls = _spy_train(monkeypatch)
-    assert compare.compare_main(argv + ["--retry-failed"]) == 0
+    assert compare_cli.compare_main(argv + ["--retry-failed"]) == 0
     assert [c["algorithm"] for c in calls] == ["sox"]
     assert not (out / "sox_seed42" / compare.FAILED_FILE).exists()
 
@@ -194,7 +196,7 @@ def test_failed_run_is_reported_and_others_go_on(data_dir, tmp_path, monkeypatch
 
 def test_grid_picks_the_best_point(data_dir, tmp_path):
     out = tmp_path / "out"
-    rc = compare.compare_main(["--data-dir", str(data_dir), "--out-dir", str(out), "--algorithms", "bsgd",
+    rc = compare_cli.compare_main(["--data-dir", str(data_dir), "--out-dir", str(out), "--algorithms", "bsgd",
                                "--epochs", "1", "--grid", "bsgd.lr=0.01,2", *TRAIN_FLAGS])
     assert rc == 0
     finals = {lr: _jsonl(out, f"bsgd_lr{lr}_seed42")[-1]["val_loss"] for lr in ("0.01", "2")}
@@ -212,7 +214,7 @@ def test_config_file_algorithms_section_and_cli_precedence(data_dir, tmp_path):
     cfg = tmp_path / "cmp.yaml"
     cfg.write_text(f"data_dir: {data_dir}\nout_dir: {tmp_path / 'o'}\nepochs: 3\nbatch_size: 64\n"
                    "algorithms:\n  sox: {gamma: 0.25, lr: 2}\n  scent: {}\n")
-    plan = compare.make_plan(["--config", str(cfg), "--override", "sox.lr=3", "--seeds", "5"])
+    plan = compare_cli.plan_from_argv(["--config", str(cfg), "--override", "sox.lr=3", "--seeds", "5"])
     assert plan.algorithms == ["sox", "scent"]
     by_algo = {r.algorithm: r.config for r in plan.runs}
     assert by_algo["sox"]["gamma"] == 0.25 and by_algo["sox"]["lr"] == 3.0  # the command line wins
@@ -223,12 +225,12 @@ def test_config_file_algorithms_section_and_cli_precedence(data_dir, tmp_path):
 
 def test_demo_plan_uses_its_own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(compare, "DEMO_DATA", dict(compare.DEMO_DATA, num_classes=20, num_samples=200))
-    plan = compare.make_plan(["--demo", "--out-dir", str(tmp_path / "o")])
-    assert Path(plan.data_dir) == tmp_path / "cache" / "xcent" / compare.DEMO_CACHE
+    monkeypatch.setattr(compare_plan, "DEMO_DATA", dict(compare_plan.DEMO_DATA, num_classes=20, num_samples=200))
+    plan = compare_cli.plan_from_argv(["--demo", "--out-dir", str(tmp_path / "o")])
+    assert Path(plan.data_dir) == tmp_path / "cache" / "xcent" / compare_plan.DEMO_CACHE
     assert (Path(plan.data_dir) / "val").is_dir()
     assert sorted(r.algorithm for r in plan.runs) == ["asgd", "bsgd", "scent", "softplus", "sox", "umax"]
-    assert {r.config["epochs"] for r in plan.runs} == {compare.DEMO_EPOCHS} and compare.DEMO_EPOCHS <= 5
+    assert {r.config["epochs"] for r in plan.runs} == {compare_plan.DEMO_EPOCHS} and compare_plan.DEMO_EPOCHS <= 5
     assert {r.seed for r in plan.runs} == {42}
 
 
@@ -297,3 +299,21 @@ def test_plot_bad_input(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path / "r"), "--out", str(tmp_path / "f.txt")]) == 2
     assert "--out" in capsys.readouterr().err
     assert not (tmp_path / "f.png").exists()
+
+
+def test_boolean_flags_and_readable_help(data_dir, tmp_path, capsys):
+    base = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "o"), "--algorithms", "bsgd", "--epochs", "1"]
+    assert compare_cli.plan_from_argv(base + ["--retry-failed"]).retry_failed is True
+    assert compare_cli.plan_from_argv(base + ["--retry-failed", "true", "--batch-size", "16"]).retry_failed is True
+    plan = compare_cli.plan_from_argv(base + ["--retry-failed", "false", "--low-memory", "true"])
+    assert plan.retry_failed is False and plan.runs[0].config["low_memory"] is True  # train flags pass through
+    assert compare_cli.plan_from_argv(base + ["--no-retry-failed"]).retry_failed is False
+    assert cli.main(["compare", *base, "--retry-failed", "maybe"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--retry-failed" in err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compare", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--retry-failed" in text and "type: str | null" in text and "<function" not in text
+    assert not (tmp_path / "o").exists()

@@ -4,6 +4,7 @@ class and one `register` call (inside the test only)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 import torch
 from conftest import read_jsonl
 
-from xcent import cli, losses
+from xcent import cli, compare, losses
 from xcent.classifier import init_weight
+from xcent.cli import compare as compare_cli
 from xcent.losses import AlgorithmSpec, HParam, build
 from xcent.step import train_step
 
@@ -239,3 +241,19 @@ def test_a_seventh_algorithm_is_one_class_and_one_entry(toy, tiny_data, tmp_path
 
     saved = yaml.safe_load((tmp_path / "toy" / "config.yaml").read_text())
     assert saved["toy_tau"] == 0.25 and saved["gamma"] is None
+
+    # xcent compare: runs it by default, reports its hyper-parameters, draws its entry
+    out = tmp_path / "cmp"
+    argv = ["--data-dir", str(tiny_data), "--out-dir", str(out), "--epochs", "1", "--batch-size", "64",
+            "--train-eval-size", "0"]
+    plan = compare_cli.plan_from_argv(argv)
+    assert plan.algorithms == list(losses.REGISTRY) and plan.algorithms[-1] == "toy"
+    assert compare_cli.compare_main(argv + ["--algorithms", "toy,bsgd"]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["results"]["toy"]["label"] == "Toy (damped)"
+    assert summary["results"]["toy"]["hparams"] == {"lr": 2.0, "toy_tau": 0.5}
+    fig = compare.make_figure(compare.compare_curves(summary))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["BSGD", "Toy (damped)"]  # legend order
+    line = next(ln for ln in fig.get_axes()[0].get_lines() if ln.get_label() == "Toy (damped)")
+    assert line.get_color() == toy.color and line.get_marker() == "P"
+    assert "Toy (damped)" in (out / "compare.md").read_text()

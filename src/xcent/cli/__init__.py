@@ -24,8 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("xcent.train:demo_main", "train SCENT on a cached built-in synthetic dataset"),
     "extract": ("xcent.extract.cli:extract_main", "extract features from webdataset image shards"),
     "split": ("xcent.extract.cli:split_main", "split extracted features into train/val/test"),
-    "compare": ("xcent.compare:compare_main", "run several algorithms/seeds and compare them"),
-    "plot": ("xcent.compare:plot_main", "draw the comparison figure from existing runs"),
+    "compare": ("xcent.cli.compare:compare_main", "run several algorithms/seeds and compare them"),
+    "plot": ("xcent.cli.compare:plot_main", "draw the comparison figure from existing runs"),
     "predict": ("xcent.cli.predict:predict_main", "top-k classes of new feature vectors"),
     "export": ("xcent.cli.predict:export_main", "export a checkpoint's weight as safetensors"),
 }

@@ -1,0 +1,111 @@
+"""Executing a comparison's runs: in sequence, in process, each an ordinary
+``xcent train`` run, resumable and independent.
+
+* a run whose ``eval_NAME.jsonl`` reaches the last epoch is skipped;
+* an interrupted run continues from its latest checkpoint (``--resume latest``);
+* a run that raises (divergence, bad data) is recorded in ``OUT/NAME/compare_failed.json``
+  and the others go on; a later call reports it again without rerunning it unless
+  ``retry_failed``;
+* a run directory whose saved config differs from the planned run is never replaced:
+  every run is checked before any is trained, and a difference stops the command
+  with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import losses
+from ..errors import UsageError
+from ..fileio import write_text_atomic
+from .plan import Plan, RunSpec, resolve_train
+from .report import FAILED_FILE, read_records
+
+__all__ = ["execute", "run_state"]
+
+#: Config keys that must agree between a planned run and the run already on disk
+#: (besides the hyper-parameters of its algorithm, from the registry).
+_RUN_KEYS = ("algorithm", "seed", "epochs", "batch_size", "warmup_epochs", "train_loss", "train_eval_size")
+_SHAPE_KEYS = ("num_classes", "feature_dim", "data_size")
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def run_state(spec: RunSpec, out_dir: Path) -> str:
+    """``done``, ``failed``, ``resume`` (has a checkpoint), ``partial`` (started, no
+    checkpoint) or ``new``. Raises UsageError if the directory holds a different run."""
+    import yaml
+
+    from ..train import RunDir
+
+    run = RunDir(out_dir, spec.name)
+    if not run.path.exists():
+        return "new"
+    if run.config.exists():
+        try:
+            saved = yaml.safe_load(run.config.read_text()) or {}
+        except yaml.YAMLError:
+            raise UsageError(f"{run.config}: not valid YAML; move the run directory away") from None
+        keys = _RUN_KEYS + losses.get(spec.algorithm).keys
+        diffs = [k for k in keys if not _same_value(saved.get(k), spec.config.get(k))]
+        diffs += [k for k in _SHAPE_KEYS if spec.config.get(k) is not None
+                  and not _same_value(saved.get(k), spec.config.get(k))]
+        if saved.get("data_dir") is not None and \
+                Path(str(saved["data_dir"])).resolve() != Path(str(spec.config["data_dir"])).resolve():
+            diffs.append("data_dir")
+        if diffs:
+            detail = ", ".join(f"{k} {saved.get(k)!r} vs {spec.config.get(k)!r}" for k in diffs[:3])
+            raise UsageError(f"{run.path}: holds a run with other settings ({detail}); use another --out-dir "
+                             f"or move it away")
+    elif run.holds_run():
+        raise UsageError(f"{run.path}: holds a run without config.yaml; use another --out-dir or move it away")
+    if (run.path / FAILED_FILE).exists():
+        return "failed"
+    records = read_records(run.jsonl) if run.jsonl.exists() else []
+    if records and records[-1]["epoch"] >= spec.config["epochs"]:
+        return "done"
+    from .. import modelio as ckpt_io
+
+    return "resume" if ckpt_io.latest(run.checkpoints) is not None else ("partial" if run.holds_run() else "new")
+
+
+def execute(plan: Plan, echo=print) -> dict[str, str]:
+    """Run the plan in sequence; returns run name -> final state (done / failed)."""
+    from .. import modelio as ckpt_io
+    from .. import train as train_mod
+    from ..train import RunDir
+
+    states = {spec.name: run_state(spec, plan.out_dir) for spec in plan.runs}  # all checked before any training
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in plan.runs if states[s.name] not in ("done",) and
+            not (states[s.name] == "failed" and not plan.retry_failed)]
+    echo(f"xcent compare: {len(plan.runs)} runs in {plan.out_dir}: {len(todo)} to run, "
+         f"{sum(v == 'done' for v in states.values())} finished, "
+         f"{sum(v == 'failed' for v in states.values())} failed before")
+    for i, spec in enumerate(plan.runs, 1):
+        state, run = states[spec.name], RunDir(plan.out_dir, spec.name)
+        if state == "done":
+            echo(f"[{i}/{len(plan.runs)}] {spec.name}: finished, skipped")
+            continue
+        if state == "failed" and not plan.retry_failed:
+            echo(f"[{i}/{len(plan.runs)}] {spec.name}: failed before, skipped (--retry-failed reruns it)")
+            continue
+        (run.path / FAILED_FILE).unlink(missing_ok=True)
+        resume = ckpt_io.latest(run.checkpoints) is not None
+        argv_run = spec.argv + (["--resume", "latest"] if resume else ["--overwrite", "true"])
+        echo(f"[{i}/{len(plan.runs)}] {spec.name}: {'resuming' if resume else 'training'}")
+        try:
+            train_mod.train(resolve_train(argv_run, f"train flags of run {spec.name}"), echo=echo)
+            states[spec.name] = "done"
+        except Exception as exc:  # a failed run is recorded; the others go on
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            run.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run.path / FAILED_FILE, json.dumps({"error": type(exc).__name__, "message": message}))
+            echo(f"[{i}/{len(plan.runs)}] {spec.name}: FAILED ({type(exc).__name__}: {message})")
+            states[spec.name] = "failed"
+    return states
