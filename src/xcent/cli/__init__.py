@@ -19,7 +19,7 @@ from ..errors import XcentError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("xcent.train:main", "train a linear classifier with one of the six algorithms"),
     "eval": ("xcent.cli.evaluate:main", "full-softmax CE and top-1/top-5 of a checkpoint on a split"),
-    "synth": ("xcent.cli.data:synth_main", "write a synthetic long-tailed dataset in the seed layout"),
+    "synth": ("xcent.cli.data:synth_main", "write a synthetic long-tailed dataset in the layout xcent train reads"),
     "inspect": ("xcent.cli.data:inspect_main", "report a dataset's shape and the settings it suggests"),
     "demo": ("xcent.train:demo_main", "train SCENT on a cached built-in synthetic dataset"),
     "extract": ("xcent.extract.cli:extract_main", "extract features from webdataset image shards"),
