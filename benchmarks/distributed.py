@@ -75,7 +75,7 @@ def _worker(rank, world, port, args, data_dir, result_file):
         labels = split.labels.index_select(0, index)
         if step == args.warmup:
             counter.bytes = 0
-        xd.sharded_train_step(shard, lo, loss_fn, feats, labels, index, 0.1, ctx)
+        train_step(shard, loss_fn, feats, labels, index, 0.1, lo=lo, process_group=ctx.group)
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
     if rank == 0:

@@ -19,13 +19,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["InBatch", "in_batch_logits", "relative_logits_", "row_gradient_weights_", "sparse_sgd_step",
-           "full_softmax_stats", "target_logits", "init_weight"]
+__all__ = [
+    "InBatch",
+    "full_softmax_stats",
+    "in_batch_logits",
+    "init_weight",
+    "relative_logits",
+    "relative_logits_",
+    "row_gradient_weights_",
+    "sparse_sgd_step",
+    "target_logits",
+]
 
 
 @dataclass
@@ -35,13 +44,23 @@ class InBatch:
     ``logits`` (B, K) relative logits with ``-inf`` at the own class; ``classes`` (K,)
     sorted distinct labels; ``label_pos`` (B,) position of each row's label in
     ``classes``; ``class_weight`` (K, D) the gathered rows; ``features`` (B, D) in the
-    weight's dtype."""
+    weight's dtype. Class-sharded (:func:`xcent.step.sharded_in_batch`): this process
+    holds only the classes ``classes[owned]``, rows ``rows`` of its weight shard, and
+    ``class_weight`` holds those rows only; a single process owns every column
+    (``owned = slice(None)``, ``rows = None`` meaning ``classes``)."""
 
     logits: Tensor
     classes: Tensor
     label_pos: Tensor
     class_weight: Tensor
     features: Tensor
+    rows: Tensor | None = None
+    owned: slice = field(default_factory=lambda: slice(None))
+
+    @property
+    def local_rows(self) -> Tensor:
+        """Row ids, in this process's weight, of ``class_weight``."""
+        return self.classes if self.rows is None else self.rows
 
     @property
     def num_distinct(self) -> int:
@@ -76,12 +95,27 @@ def in_batch_logits(features: Tensor, labels: Tensor, weight: Tensor) -> InBatch
     """Relative in-batch logits of a minibatch (see the module docstring).
 
     ``features`` (B, D) of any float dtype (cast to the weight's), ``labels`` (B,)
-    integer, ``weight`` (C, D). Reads only the K rows of the distinct labels."""
+    integer, ``weight`` (C, D). Reads only the K rows of the distinct labels.
+
+    Differentiable: when autograd records (``features`` or ``weight`` requiring a
+    gradient), the logits are built out of place so that a loss of
+    :mod:`xcent.losses` can be back-propagated through them; otherwise in place."""
     x = features.to(device=weight.device, dtype=weight.dtype)
     classes, label_pos = torch.unique(labels.to(weight.device), sorted=True, return_inverse=True)
     class_weight = weight.index_select(0, classes)
-    logits = relative_logits_(x @ class_weight.T, label_pos)
+    scores = x @ class_weight.T
+    if torch.is_grad_enabled() and scores.requires_grad:
+        logits = relative_logits(scores, label_pos)
+    else:
+        logits = relative_logits_(scores, label_pos)
     return InBatch(logits, classes, label_pos, class_weight, x)
+
+
+def relative_logits(scores: Tensor, label_pos: Tensor) -> Tensor:
+    """:func:`relative_logits_` out of place (autograd-safe): a new (B, K) tensor."""
+    own = label_pos[:, None]
+    logits = scores - scores.gather(1, own)
+    return logits.scatter(1, own, float("-inf"))
 
 
 def relative_logits_(scores: Tensor, label_pos: Tensor) -> Tensor:
@@ -109,8 +143,9 @@ def sparse_sgd_step(weight: Tensor, batch: InBatch, grad_logits: Tensor, lr: flo
     when it already has the weight's dtype: pass a copy to keep it."""
     M = row_gradient_weights_(batch.label_pos, grad_logits.to(batch.features.dtype))
     # One fused GEMM: class_weight - lr * M^T X, no (K, D) gradient temporary.
-    new_rows = torch.addmm(batch.class_weight, M.T, batch.features, alpha=-lr)
-    weight.index_copy_(0, batch.classes, new_rows)
+    # Class-sharded: only this process's columns of M (its rows); a view, no copy.
+    new_rows = torch.addmm(batch.class_weight, M[:, batch.owned].T, batch.features, alpha=-lr)
+    weight.index_copy_(0, batch.local_rows, new_rows)
     return new_rows
 
 

@@ -21,6 +21,9 @@ same permutation from the seed):
 3. each rank applies the sparse update to the rows it owns, using the row sums of
    ``G`` it already has.
 
+Steps 2-3 are :func:`xcent.step.train_step` itself (``process_group`` and ``lo``):
+the single-process step is the same code with one process and no collectives.
+
 Communication per step: B x D features (all-gather) plus B x K scores (all-reduce),
 independent of C. The duals ``nu`` are replicated: every rank performs the same
 update on the same rows (4 + 1 bytes per training row and rank: 85 MB at 17M rows,
@@ -46,13 +49,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .classifier import full_softmax_stats_with_target, relative_logits_, row_gradient_weights_, target_logits
+from .classifier import full_softmax_stats_with_target, target_logits
 from .errors import UsageError
 from .evaluate import summarize
-from .step import StepResult, step_ok
 
-__all__ = ["DistContext", "init_from_env", "gather_batch_rows", "sharded_train_step", "sharded_stats",
-           "class_range"]
+__all__ = ["DistContext", "all_gather_rows", "class_range", "gather_batch_rows", "init_from_env", "sharded_stats"]
 
 
 def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -67,6 +68,12 @@ class DistContext:
     rank: int
     world_size: int
     device: torch.device
+
+    @property
+    def group(self):
+        """The process group of the run (torch's default group), for
+        :func:`xcent.step.train_step`'s ``process_group``."""
+        return dist.group.WORLD
 
     @property
     def is_main(self) -> bool:
@@ -109,43 +116,22 @@ def gather_batch_rows(split, index: Tensor, ctx: DistContext, dtype: torch.dtype
     """Features of the global batch ``index`` (every rank passes the same ``index``):
     rank r reads only its slice from disk, then the slices are all-gathered."""
     parts = index.tensor_split(ctx.world_size)
-    longest = parts[0].shape[0]
     mine, _ = split.gather(parts[ctx.rank])
-    mine = mine.to(device=ctx.device, dtype=dtype)
-    padded = torch.zeros(longest, mine.shape[1], dtype=dtype, device=ctx.device)
-    padded[:mine.shape[0]] = mine
-    pieces = [torch.empty_like(padded) for _ in range(ctx.world_size)]
-    dist.all_gather(pieces, padded)
-    return torch.cat([piece[:part.shape[0]] for piece, part in zip(pieces, parts)])
+    return all_gather_rows(mine.to(device=ctx.device, dtype=dtype), [part.shape[0] for part in parts])
 
 
-@torch.no_grad()
-def sharded_train_step(shard: Tensor, lo: int, loss_fn, features: Tensor, labels: Tensor, index: Tensor,
-                       lr: float, ctx: DistContext) -> StepResult:
-    """One step of the global batch on this rank's weight rows ``shard`` = W[lo:lo+len].
-
-    Same arithmetic as :func:`xcent.step.train_step` on one process: the full (B, K)
-    scores are assembled by an exact all-reduce, the dual update and ``G`` are
-    computed identically on every rank, and each rank updates only the rows it owns."""
-    hi = lo + shard.shape[0]
-    x = features.to(device=shard.device, dtype=shard.dtype)
-    classes, label_pos = torch.unique(labels.to(shard.device), sorted=True, return_inverse=True)
-    K = classes.shape[0]
-    if K < 2:
-        return StepResult(True, torch.tensor(float("nan")), True, K)
-    a = int(torch.searchsorted(classes, lo))
-    b = int(torch.searchsorted(classes, hi))
-    local_rows = classes[a:b] - lo
-    local_w = shard.index_select(0, local_rows)
-    scores = torch.zeros(x.shape[0], K, dtype=x.dtype, device=x.device)
-    scores[:, a:b] = x @ local_w.T
-    dist.all_reduce(scores)
-    logits = relative_logits_(scores, label_pos)
-    G = loss_fn.weights(logits, index.to(shard.device))
-    M = row_gradient_weights_(label_pos, G)  # (B, K); this rank's columns are a:b
-    new_rows = torch.addmm(local_w, M[:, a:b].T, x, alpha=-lr)
-    shard.index_copy_(0, local_rows, new_rows)
-    return StepResult(False, loss_fn.value, ctx.all_ok(bool(step_ok(loss_fn, new_rows))), K)
+def all_gather_rows(mine: Tensor, sizes: list[int], group=None) -> Tensor:
+    """Concatenation over the ranks of ``group`` (in rank order) of each rank's rows
+    ``mine`` (n_r, ...), given every rank's row count ``sizes``: one all-gather of
+    pieces padded to the longest (torch's all-gather needs equal shapes)."""
+    longest = max(sizes)
+    padded = mine
+    if mine.shape[0] != longest:
+        padded = torch.zeros((longest, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
+        padded[:mine.shape[0]] = mine
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded.contiguous(), group=group)
+    return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
 
 
 @torch.no_grad()

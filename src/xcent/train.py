@@ -242,7 +242,7 @@ class ShardedEngine:
         return feats, self.data.train.labels.index_select(0, index).to(self.device)
 
     def step(self, loss_fn, feats, labels, index, lr):
-        return self.xd.sharded_train_step(self.weight, self.lo, loss_fn, feats, labels, index, lr, self.ctx)
+        return train_step(self.weight, loss_fn, feats, labels, index, lr, lo=self.lo, process_group=self.ctx.group)
 
     def batch_full_ce_sum(self, feats, labels) -> float:
         lse, target, _ = self.xd.sharded_stats(feats, labels, self.weight, self.lo, self.ctx)
