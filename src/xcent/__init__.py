@@ -15,4 +15,8 @@ def __getattr__(name):
         from .predict import Classifier
 
         return Classifier
+    if name == "SparseSoftmaxHead":
+        from .head import SparseSoftmaxHead
+
+        return SparseSoftmaxHead
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,337 @@
+"""``xcent.SparseSoftmaxHead``: the six algorithms as a classification head for a backbone.
+
+Put it where a face recognizer or species classifier has its ``nn.Linear`` + cross-entropy
+(InsightFace's Partial FC calling shape)::
+
+    head = xcent.SparseSoftmaxHead(num_classes, dim, num_samples, algorithm="scent", epochs=E)
+    opt = torch.optim.SGD(backbone.parameters(), lr=0.1)     # any optimizer, backbone only
+    for epoch in range(1, E + 1):
+        head.set_epoch(epoch)
+        for x, labels, index in loader:                       # index: the rows' ids in 0..num_samples-1
+            loss = head(backbone(x), labels, index)
+            opt.zero_grad()
+            loss.backward()          # the backbone gets d(surrogate)/d(embeddings); the head steps
+            opt.step()
+
+What a training forward + backward does, for a batch of B embeddings ``x_i``:
+
+1. forward: gathers the K rows of the batch's distinct labels, builds the (B, K)
+   in-batch relative logits, and runs the algorithm's dual update and gradient weights
+   ``G = dL/dz`` (:mod:`xcent.losses`) **without writing anything**; returns the
+   surrogate ``L``;
+2. backward: ``dL/dx_i = sum_j G_ij (w_{U_j} - w_{y_i}) = (M W_U)_i`` with
+   ``M = G``, ``M[i, pos(y_i)] = -sum_j G_ij``: one (B, K) x (K, D) product with the
+   rows as they were at the forward (before the step); then the head takes exactly one
+   step of the algorithm: the duals of ``index`` are written and the K rows move by
+   ``M^T X`` (:class:`xcent.step.LazySGD`: plain SGD by default, exact sparse momentum
+   and weight decay otherwise). No (C, D) gradient, no (B, C) temporary: memory and
+   time per step do not depend on C.
+
+The head's step ignores the upstream gradient of the loss (a loss scaler's factor, or
+a weight the user multiplies the loss by, scales ``embeddings.grad`` only): its lr is
+its own. A forward under ``torch.no_grad()`` or in ``eval()`` mode changes nothing.
+
+Class-sharded (``process_group``): rank r holds the rows of the contiguous classes
+``class_range(C, r, P)`` (:mod:`xcent.distributed`); the embeddings, labels and
+indices of all ranks are all-gathered; the step is :func:`xcent.step.train_step`'s
+sharded in-batch scoring (one all-reduce of the (B, K) scores); in backward each rank
+computes its rows' share of ``dL/dx`` for the whole gathered batch, the shares are
+summed (all-reduce) and each rank keeps the rows it produced: the backward of the
+all-gather. The duals are replicated. With a DDP backbone, note that DDP averages the
+ranks' parameter gradients, i.e. the backbone receives ``1/P`` times the gradient of
+the global-batch surrogate (as with Partial FC); scale its lr accordingly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .classifier import InBatch, init_weight, row_gradient_weights_
+from .distributed import all_gather_rows, class_range
+from .losses import build, get
+from .predict import TopK, topk_softmax
+from .step import LazySGD, effective_group, sharded_in_batch
+from .train import lr_at
+
+__all__ = ["SparseSoftmaxHead"]
+
+
+@dataclass
+class _Pending:
+    """A forward's step, applied by the backward."""
+
+    batch: InBatch | None  # None: skipped (one distinct label)
+    M: Tensor | None
+    index: Tensor
+    nu_new: Tensor | None
+    row_offset: int  # first row of this rank's embeddings in the gathered batch
+    num_local: int
+    applied: bool = False
+
+
+class _HeadFunction(torch.autograd.Function):
+    """Value: the surrogate. Backward: ``dL/dx`` at the head before the step, then the step."""
+
+    @staticmethod
+    def forward(ctx, anchor, embeddings, head, pending, value):
+        ctx.head, ctx.pending, ctx.dtype = head, pending, embeddings.dtype
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.pending.applied:
+            raise RuntimeError("SparseSoftmaxHead: backward ran twice through one forward; the head "
+                               "steps once per forward (do not use retain_graph=True through it)")
+        dx = _take_step(ctx.head, ctx.pending)
+        dx = dx.mul_(grad_out.to(dx.dtype)).to(ctx.dtype)
+        return None, dx, None, None, None
+
+
+class SparseSoftmaxHead(nn.Module):
+    """A C-class softmax head trained by one of the six algorithms, touching K rows a step.
+
+    ``num_classes`` C, ``dim`` D (the embeddings' width), ``num_samples`` N (the number
+    of training rows; ``index`` passed to :meth:`forward` are their ids, the duals'
+    rows). ``algorithm``: scent, sox, bsgd, asgd, softplus or umax; ``lr``: the head's
+    own base lr (None: the algorithm's tuned default); ``epochs`` E: the length of
+    the per-epoch cosine lr (and of the dual schedules). ``momentum``, ``weight_decay``:
+    as ``torch.optim.SGD`` applied densely to all C rows, computed exactly and sparsely
+    (:class:`xcent.step.LazySGD`); 0 by default, i.e. the algorithm's own update.
+    ``dtype``: the head's arithmetic (float32; float64 for tests); embeddings of any
+    float dtype (autocast bf16/fp16) are cast to it and their gradient is returned in
+    their dtype. ``process_group``: class-sharded over its ranks (None: one process).
+    ``hparams``: ``gamma``, ``rho``, ``delta`` as in :func:`xcent.losses.build`;
+    ``init_seed``: the weight's N(0, 0.01^2) initialisation (:func:`xcent.classifier.init_weight`).
+
+    State (``state_dict``): ``weight`` (this rank's rows), ``momentum_buffer`` (when
+    momentum > 0), ``loss_fn.nu`` / ``loss_fn.nu_set`` (the duals), and the epoch;
+    saving first brings every row up to date, so that loading resumes exactly.
+    """
+
+    def __init__(self, num_classes: int, dim: int, num_samples: int, algorithm: str = "scent",
+                 lr: float | None = None, epochs: int = 1, momentum: float = 0.0, weight_decay: float = 0.0,
+                 dtype: torch.dtype = torch.float32, device=None, process_group=None, init_seed: int = 0,
+                 **hparams):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        self.algorithm = algorithm.lower()
+        self.loss_fn = build(self.algorithm, num_samples, dtype=dtype, epochs=epochs, **hparams)
+        if device is not None:
+            self.loss_fn.to(device)
+        self.num_classes, self.dim, self.num_samples = int(num_classes), int(dim), int(num_samples)
+        self.base_lr = float(get(self.algorithm).lr if lr is None else lr)
+        self.epochs = int(epochs)
+        self.process_group = effective_group(process_group)
+        if self.process_group is None:
+            self.rank, self.world_size = 0, 1
+        else:
+            self.rank, self.world_size = dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+            if num_classes < self.world_size:
+                raise ValueError(f"{self.world_size} processes need at least as many classes, got {num_classes}")
+        self.lo, self.hi = class_range(num_classes, self.rank, self.world_size)
+        self.register_buffer("weight", init_weight(num_classes, dim, init_seed, device or "cpu", dtype,
+                                                   rows=(self.lo, self.hi)))
+        self.optimizer = LazySGD(self.hi - self.lo, dim, momentum, weight_decay, dtype, self.weight.device)
+        if self.optimizer.buf is not None:
+            self.register_buffer("momentum_buffer", self.optimizer.buf)
+        self.epoch: int | None = None
+        self.skipped_steps = 0
+        # the schedule-dependent algorithms (sox, asgd, softplus, umax) read the epoch
+        self._needs_epoch = bool(self.loss_fn.scheduled)
+
+    # ------------------------------------------------------------------ schedule
+
+    @property
+    def lr(self) -> float:
+        """The current epoch's lr (epoch 1's before :meth:`set_epoch`)."""
+        return lr_at(self.epoch or 1, self.epochs, self.base_lr)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start 1-based ``epoch``: the previous epoch's rows are brought up to date
+        (momentum / weight decay), then the lr and the dual schedule follow ``epoch``."""
+        if not 1 <= int(epoch) <= self.epochs:
+            raise ValueError(f"epoch must be in [1, {self.epochs}], got {epoch}")
+        self.flush()
+        self.epoch = int(epoch)
+        self.loss_fn.set_epoch(self.epoch, self.epochs)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Bring every row up to date (a no-op without momentum and weight decay):
+        done by :meth:`set_epoch`, :meth:`eval`, :meth:`logits`, :meth:`topk` and saving."""
+        self.optimizer.flush(self.weight)
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.flush()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        # ``.to()`` / ``.cuda()`` replace the buffers: keep the optimizer's views on them
+        out = super()._apply(fn, *args, **kwargs)
+        self.optimizer.buf = self._buffers.get("momentum_buffer")
+        self.optimizer.to(self.weight.device)
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.flush()  # every row current: the saved state needs no per-row step counters
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def get_extra_state(self) -> Any:
+        return {"epoch": self.epoch, "skipped_steps": self.skipped_steps}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.flush()
+        self.optimizer.lr = None
+        self.epoch, self.skipped_steps = state["epoch"], int(state["skipped_steps"])
+        if self.epoch is not None:
+            self.loss_fn.set_epoch(self.epoch, self.epochs)
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def logits(self, embeddings: Tensor) -> Tensor:
+        """Full scores ``w_c . x_i`` over all C classes, (B, C) in the head's dtype.
+
+        Class-sharded: a collective (every rank calls it with its own embeddings and
+        gets its rows' (B_r, C) scores; the blocks are assembled by all-gathers).
+        For large C prefer :meth:`topk`, which never builds (B, C)."""
+        self.flush()
+        x = embeddings.detach().to(device=self.weight.device, dtype=self.weight.dtype)
+        if self.process_group is None:
+            return x @ self.weight.T
+        x, _, _, offset, _ = self._gather(x)
+        blocks = all_gather_rows((x @ self.weight.T).T.contiguous(), self._shard_sizes(), self.process_group)
+        return blocks.T[offset:offset + embeddings.shape[0]]
+
+    @torch.no_grad()
+    def topk(self, embeddings: Tensor, k: int = 5, class_chunk: int = 16384) -> TopK:
+        """``TopK(ids, probs)`` (B, k): the k best classes of each embedding and their
+        softmax probabilities over all C classes, computed class chunk by chunk with
+        :func:`xcent.predict.topk_softmax` (memory: one (B, class_chunk) block).
+        Class-sharded: a collective; each rank scores its classes and the per-rank
+        top-k and log-normalisers are merged."""
+        if not 1 <= k <= self.num_classes:
+            raise ValueError(f"k must be in [1, {self.num_classes}], got {k}")
+        self.flush()
+        x = embeddings.detach().to(device=self.weight.device, dtype=self.weight.dtype)
+        if self.process_group is None:
+            scores, ids, lse = topk_softmax(x, self.weight, k, class_chunk)
+            return TopK(ids, torch.exp(scores - lse[:, None]))
+        x, _, _, offset, _ = self._gather(x)
+        scores, ids, lse = topk_softmax(x, self.weight, k, class_chunk)
+        pad = k - scores.shape[1]  # a shard with fewer than k classes
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+        ids = torch.nn.functional.pad(ids + self.lo, (0, pad), value=-1)
+        parts = [torch.empty_like(t) for t in (scores, ids, lse) for _ in range(self.world_size)]
+        P = self.world_size
+        dist.all_gather(parts[:P], scores, group=self.process_group)
+        dist.all_gather(parts[P:2 * P], ids, group=self.process_group)
+        dist.all_gather(parts[2 * P:], lse, group=self.process_group)
+        best, pos = torch.cat(parts[:P], 1).topk(k, dim=1)
+        best_ids = torch.cat(parts[P:2 * P], 1).gather(1, pos)
+        lse = torch.logsumexp(torch.stack(parts[2 * P:]), dim=0)
+        rows = slice(offset, offset + embeddings.shape[0])
+        return TopK(best_ids[rows], torch.exp(best - lse[:, None])[rows])
+
+    def _shard_sizes(self) -> list[int]:
+        ranges = (class_range(self.num_classes, r, self.world_size) for r in range(self.world_size))
+        return [hi - lo for lo, hi in ranges]
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, embeddings: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+        """The algorithm's surrogate on the batch (a 0-dim tensor in the head's dtype).
+
+        ``embeddings`` (B, D), ``labels`` (B,) in 0..C-1, ``index`` (B,) the rows' ids
+        in 0..N-1. In training mode with autograd recording, ``loss.backward()``
+        gives ``embeddings`` the surrogate's gradient (at the head before the step) and
+        then applies the step. Otherwise nothing changes."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(f"embeddings must be (B, {self.dim}), got {tuple(embeddings.shape)}")
+        if labels.shape != embeddings.shape[:1] or index.shape != embeddings.shape[:1]:
+            raise ValueError(f"labels and index must be ({embeddings.shape[0]},), got "
+                             f"{tuple(labels.shape)} and {tuple(index.shape)}")
+        if self._needs_epoch and self.epoch is None:
+            raise RuntimeError(f"SparseSoftmaxHead: {self.algorithm}'s dual schedule follows the epoch; "
+                               "call head.set_epoch(epoch) before the first step")
+        with torch.autocast(embeddings.device.type, enabled=False):
+            pending, value = self._prepare(embeddings.detach(), labels, index)
+        if not (self.training and torch.is_grad_enabled()):
+            return value
+        anchor = torch.zeros((), requires_grad=True)  # so that backward runs with a frozen backbone too
+        return _HeadFunction.apply(anchor, embeddings, self, pending, value)
+
+    @torch.no_grad()
+    def _gather(self, x: Tensor, labels: Tensor | None = None, index: Tensor | None = None):
+        """The global batch of all ranks: ``(x, labels, index, row_offset, sizes)``
+        (labels and index only when given)."""
+        if self.process_group is None:
+            return x, labels, index, 0, [x.shape[0]]
+        n = torch.tensor([x.shape[0]], device=x.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(sizes, n, group=self.process_group)
+        sizes = [int(s) for s in sizes]
+        offset = sum(sizes[:self.rank])
+        x = all_gather_rows(x, sizes, self.process_group)
+        if labels is None:
+            return x, None, None, offset, sizes
+        ids = all_gather_rows(torch.stack([labels.to(x.device, torch.long), index.to(x.device, torch.long)], 1),
+                              sizes, self.process_group)
+        return x, ids[:, 0], ids[:, 1], offset, sizes
+
+    @torch.no_grad()
+    def _prepare(self, embeddings: Tensor, labels: Tensor, index: Tensor) -> tuple[_Pending, Tensor]:
+        """Everything of the step except its writes: ``(pending, surrogate)``."""
+        num_local = embeddings.shape[0]
+        x = embeddings.to(device=self.weight.device, dtype=self.weight.dtype)
+        x, labels, index, offset, _ = self._gather(x, labels.to(x.device), index.to(x.device))
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):  # a shard would silently skip them
+            raise ValueError(f"labels must be class ids in [0, {self.num_classes})")
+        batch = sharded_in_batch(x, labels, self.weight, self.lo, self.process_group,
+                                 read_rows=self.optimizer.current)
+        if batch.num_distinct < 2:
+            zero = torch.zeros((), dtype=self.weight.dtype, device=self.weight.device)
+            return _Pending(None, None, index, None, offset, num_local), zero
+        loss_fn = self.loss_fn
+        nu_old, set_old = loss_fn.nu[index].clone(), loss_fn.nu_set[index].clone()
+        G = loss_fn.weights(batch.logits, index)
+        value = loss_fn.value
+        nu_new = loss_fn.nu[index].clone() if bool(loss_fn.nu_set[index].any()) else None
+        # undo the dual writes: they belong to the backward (a forward changes nothing);
+        # a repeated index has one old value, so the restore is exact
+        loss_fn.nu[index] = nu_old
+        loss_fn.nu_set[index] = set_old
+        M = row_gradient_weights_(batch.label_pos, G)
+        return _Pending(batch, M, index, nu_new, offset, num_local), value
+
+
+def _take_step(head: SparseSoftmaxHead, pending: _Pending) -> Tensor:
+    """The backward: ``dL/dx`` for this rank's embeddings (at the rows of the forward),
+    then the step (duals, K rows). Returns (B_local, D) in the head's dtype."""
+    pending.applied = True
+    batch = pending.batch
+    if batch is None:
+        head.skipped_steps += 1
+        return torch.zeros(pending.num_local, head.dim, dtype=head.weight.dtype, device=head.weight.device)
+    with torch.no_grad():
+        M = pending.M[:, batch.owned]
+        dx = M @ batch.class_weight  # this rank's rows' share, (B_global, D)
+        if head.process_group is not None:
+            dist.all_reduce(dx, group=head.process_group)
+            dx = dx[pending.row_offset:pending.row_offset + pending.num_local]
+        head.optimizer.step(head.weight, batch.local_rows, batch.class_weight, M, batch.features, head.lr)
+        if pending.nu_new is not None:
+            head.loss_fn.nu[pending.index] = pending.nu_new
+            head.loss_fn.nu_set[pending.index] = True
+    return dx
