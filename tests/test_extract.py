@@ -1,7 +1,7 @@
 """`xcent extract` on tiny generated webdataset shards.
 
-Needs torch, numpy and pillow only (the open_clip test skips without open_clip; the
-end-to-end test skips until `xcent.train` exists). Images are random JPEGs, the
+Needs torch, numpy and pillow only (BioCLIP through open_clip is tested in
+test_bioclip.py; the end-to-end test skips until `xcent.train` exists). Images are random JPEGs, the
 backbones tiny random networks saved as state_dict files; every invariant is checked
 against a direct recomputation: feature row k is the backbone applied to the image
 whose key is k.
@@ -22,12 +22,17 @@ import pytest
 import torch
 
 PIL = pytest.importorskip("PIL")
+import tiny_backbones  # noqa: E402
 from PIL import Image  # noqa: E402
+from tiny_backbones import CLIP_MEAN, CLIP_STD, TinyImageTower, iresnet_tiny  # noqa: E402
 
 from xcent.cli import main as xcent_main  # noqa: E402
+from xcent.cli.extract import extract_main  # noqa: E402
 from xcent.extract import backbones  # noqa: E402
-from xcent.extract.cli import extract_main  # noqa: E402
 from xcent.extract.shards import expand_braces, expand_urls  # noqa: E402
+
+tiny_backbones.register()
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEATURE_DIM = 16
@@ -80,7 +85,7 @@ def clip_tensor(data: bytes) -> torch.Tensor:
     array = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64) / 255.0
     assert array.shape == (32, 40, 3)
     array = array[:, 4:36]
-    mean, std = np.array(backbones.CLIP_MEAN), np.array(backbones.CLIP_STD)
+    mean, std = np.array(CLIP_MEAN), np.array(CLIP_STD)
     return torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy()).float()
 
 
@@ -111,7 +116,7 @@ def glint(tmp_path_factory):
     for i in range(3):
         write_shard(root / f"glint-{i:02d}.tar.gz", samples[i * 15 : (i + 1) * 15])
     (root / "glint-03.tar.gz").write_bytes(b"this is not a tar file" * 10)  # bad_shard
-    model = backbones.iresnet_tiny(FEATURE_DIM)
+    model = iresnet_tiny(FEATURE_DIM)
     with torch.no_grad():  # non-trivial BN statistics, so the head is exercised
         for module in model.modules():
             if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
@@ -173,7 +178,7 @@ def test_glint_rows_labels_features(glint, glint_out):
     for key, (_, label) in good.items():
         assert out["labels"][key] == label
     # feature row k is the backbone applied to the image whose key is k
-    model = backbones.iresnet_tiny(FEATURE_DIM)
+    model = iresnet_tiny(FEATURE_DIM)
     model.load_state_dict(torch.load(glint["weights"], weights_only=True))
     model.eval()
     keys = sorted(good)
@@ -224,10 +229,14 @@ KILL_AFTER_BATCHES = 2
 KILLER = """
 import os, signal, sys
 import numpy as np
-from xcent.extract import cli
+sys.path.insert(0, {tests!r})
+import tiny_backbones
+from xcent.cli.extract import extract_main
+from xcent.extract.store import FeatureStore
 
+tiny_backbones.register()
 calls = [0]
-original = cli.FeatureStore.write
+original = FeatureStore.write
 
 def write_then_die(self, rows, features, labels):
     calls[0] += 1
@@ -237,14 +246,14 @@ def write_then_die(self, rows, features, labels):
     self.features[rows] = np.nan
     os.kill(os.getpid(), signal.SIGKILL)
 
-cli.FeatureStore.write = write_then_die
-sys.exit(cli.extract_main(sys.argv[1:]))
+FeatureStore.write = write_then_die
+sys.exit(extract_main(sys.argv[1:]))
 """
 
 
 def test_resume_after_kill(glint, glint_out, tmp_path):
     out_dir = tmp_path / "killed"
-    code = KILLER.replace("{n}", str(KILL_AFTER_BATCHES))
+    code = KILLER.replace("{n}", str(KILL_AFTER_BATCHES)).replace("{tests!r}", repr(TESTS))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", code, *glint_args(glint, out_dir)], capture_output=True, text=True, env=env, timeout=120
@@ -278,7 +287,7 @@ def tree(tmp_path_factory):
     samples.insert(5, ("id-not-in-catalog", {"jpg": jpeg_bytes(rng, 40, 32)}))  # unknown_id
     write_shard(root / "tol-000000.tar", samples[:15])
     write_shard(root / "tol-000001.tar", samples[15:])
-    model = backbones.TinyImageTower(FEATURE_DIM)
+    model = TinyImageTower(FEATURE_DIM)
     torch.save(model.state_dict(), root / "tiny_clip.pt")
     return {
         "root": root, "ids": ids, "species": catalog_species, "images": images, "data_size": data_size,
@@ -307,7 +316,7 @@ def test_treeoflife_rows_labels_features(tree, tree_out):
     assert (out_dir / "classes.txt").read_text().splitlines() == sorted_species
     for row in expected_rows:
         assert sorted_species[out["labels"][row]] == tree["species"][row]
-    model = backbones.TinyImageTower(FEATURE_DIM)
+    model = TinyImageTower(FEATURE_DIM)
     model.load_state_dict(torch.load(tree["root"] / "tiny_clip.pt", weights_only=True))
     model.eval()
     with torch.no_grad():
@@ -388,20 +397,6 @@ def test_iresnet50_published_shape():
     # (the forward pass of the same class runs in every iresnet_tiny test above)
 
 
-def test_bioclip_through_open_clip(tmp_path):
-    try:
-        import open_clip
-    except Exception as exc:  # noqa: BLE001 - broken torchvision raises RuntimeError, not ImportError
-        pytest.skip(f"open_clip not importable: {exc}")
-    model = open_clip.create_model("ViT-B-16")
-    torch.save(model.state_dict(), tmp_path / "bioclip.pt")
-    backbone = backbones.build_backbone("bioclip", str(tmp_path / "bioclip.pt"), 512, "cpu")
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
-    features = backbone.encode(backbone.preprocess(image)[None])
-    assert features.shape == (1, 512)
-    torch.testing.assert_close(features.norm(dim=1), torch.ones(1))
-
-
 def test_extract_split_train_eval_end_to_end(glint_out, tmp_path, capsys):
     """extract (the glint_out fixture) -> split -> train 1 epoch -> eval, through the CLI."""
     pytest.importorskip("xcent.train")
@@ -443,3 +438,127 @@ def test_extract_split_train_eval_end_to_end(glint_out, tmp_path, capsys):
     checkpoint = runs / "e2e" / "checkpoints" / "epoch_1.pt"
     assert checkpoint.exists()
     assert xcent("eval", "--checkpoint", str(checkpoint), "--data-dir", str(data_dir), "--split", "val").strip()
+
+
+# ------------------------------------------------------- every loss is counted
+def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def member_offsets(data: bytes) -> list[int]:
+    """Header offsets of the members of an uncompressed tar."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return [member.offset for member in tar.getmembers()]
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    """One good shard of 20 samples, and damaged copies of it: cut in half (plain tar),
+    cut at a member boundary (no end-of-archive block), a header damaged inside a
+    well-formed .tar.gz (tarfile alone takes it for the end of the archive), flipped
+    compressed bytes of a .tar.gz, and a .tar.gz cut short. Plus a shard whose samples
+    include a ``cls`` too large for int64."""
+    root = tmp_path_factory.mktemp("faults")
+    rng = np.random.default_rng(5)
+    samples = [(f"{k:06d}", {"jpg": jpeg_bytes(rng, 112, 112), "cls": str(k % 7).encode()}) for k in range(20)]
+    good = tar_bytes(samples)
+    offsets = member_offsets(good)  # 2 members per sample: jpg, cls
+    import gzip
+
+    cases = {}
+
+    def shard(name: str, data: bytes, samples_read: int | None):
+        (root / name).write_bytes(data)
+        cases[name] = samples_read
+
+    shard("good.tar", good, None)
+    half = len(good) // 2
+    # sample k is yielded once the next sample's first header has been read whole; the
+    # sample being assembled at the cut is dropped (its completeness cannot be known)
+    yielded = sum(1 for k in range(19) if offsets[2 * k + 2] + 512 <= half)
+    shard("cut_half.tar", good[:half], yielded)
+    shard("cut_boundary.tar", good[: offsets[24]], 11)  # 12 samples whole, no end block
+    damaged = bytearray(good)
+    damaged[offsets[16] : offsets[16] + 8] = b"\x00garbage"  # header of sample 8's jpg
+    shard("bad_header.tar.gz", gzip.compress(bytes(damaged), mtime=0), 7)
+    compressed = bytearray(gzip.compress(good, mtime=0))
+    compressed[len(compressed) // 2] ^= 0xFF
+    shard("flipped.tar.gz", bytes(compressed), None)  # where it breaks depends on deflate
+    shard("cut.tar.gz", gzip.compress(good, mtime=0)[: len(compressed) * 2 // 3], None)
+
+    huge = [(f"{k:06d}", {"jpg": jpeg_bytes(rng, 112, 112), "cls": b"1"}) for k in range(20, 26)]
+    huge[2][1]["cls"] = str(2**63).encode()  # one past int64
+    huge[4][1]["cls"] = b"123456789012345678901234567890"
+    shard("huge_cls.tar", tar_bytes(huge), None)
+    model = iresnet_tiny(FEATURE_DIM)
+    torch.save(model.state_dict(), root / "weights.pt")
+    return root, cases
+
+
+def fault_args(root, shards: str, out_dir, *extra) -> list[str]:
+    return [
+        "--data", "glint360k", "--data-url", str(root / shards), "--out-dir", str(out_dir),
+        "--pretrained-path", str(root / "weights.pt"), "--arch", "iresnet_tiny", "--feature-dim", str(FEATURE_DIM),
+        "--data-size", "64", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name", ["cut_half.tar", "cut_boundary.tar", "bad_header.tar.gz", "flipped.tar.gz", "cut.tar.gz"]
+)
+def test_iter_shard_reports_every_break(faults, name):
+    from xcent.extract.shards import ShardBreak, iter_shard
+
+    root, cases = faults
+    items = list(iter_shard(str(root / name)))
+    assert isinstance(items[-1], ShardBreak) and items[-1].path == str(root / name)
+    assert not any(isinstance(item, ShardBreak) for item in items[:-1])
+    read = len(items) - 1
+    assert items[-1].samples_read == read
+    if cases[name] is not None:
+        assert read == cases[name]
+    assert [s["__key__"] for s in items[:-1]] == [f"{k:06d}" for k in range(read)]
+    assert list(iter_shard(str(root / "good.tar")))[-1]["__key__"] == "000019"  # a good shard has no break
+
+
+@pytest.mark.parametrize("batch_size,workers", [(1, 0), (16, 0), (64, 0), (4, 2)])
+def test_bad_shards_counted_whatever_batch_size_and_workers(faults, tmp_path, batch_size, workers):
+    """Each broken shard is one bad_shard, and the summary says how far it was read,
+    whatever the batch size or the number of workers; the good samples before each
+    break are still extracted."""
+    root, cases = faults
+    names = ["cut_half.tar", "cut_boundary.tar", "bad_header.tar.gz"]
+    out_dir = tmp_path / "out"
+    url = "{" + ",".join(names) + "}"
+    args = fault_args(root, url, out_dir, "--batch-size", str(batch_size), "--workers", str(workers))
+    assert extract_main(args) == 0
+    last_run = json.loads((out_dir / "extract.json").read_text())["last_run"]
+    assert last_run["errors"] == {"bad_shard": 3}
+    reads = {os.path.basename(b["path"]): b["samples_read"] for b in last_run["shard_breaks"]}
+    assert reads == {name: cases[name] for name in names}
+    # the shards are copies of one shard: what was read of the longest is what is cached
+    assert last_run["total_cached"] == max(reads.values())
+
+
+def test_summary_line_names_the_break(faults, tmp_path, capsys):
+    root, cases = faults
+    assert xcent_main(["extract", *fault_args(root, "bad_header.tar.gz", tmp_path / "o", "--workers", "0")]) == 0
+    out = capsys.readouterr().out
+    assert "bad_shard=1" in out and f"bad_header.tar.gz broke off after {cases['bad_header.tar.gz']} samples" in out
+
+
+def test_cls_too_large_for_int64_is_skipped_and_counted(faults, tmp_path):
+    root, _ = faults
+    out_dir = tmp_path / "out"
+    assert extract_main(fault_args(root, "huge_cls.tar", out_dir, "--batch-size", "2", "--workers", "0")) == 0
+    last_run = json.loads((out_dir / "extract.json").read_text())["last_run"]
+    assert last_run["errors"] == {"bad_cls": 2}
+    cached = np.flatnonzero(np.load(out_dir / "is_cached.npy"))
+    assert cached.tolist() == [20, 21, 23, 25]

@@ -173,3 +173,135 @@ def test_missing_input_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert run_split(tmp_path / "empty", tmp_path / "out") == 2
     assert os.path.join(str(tmp_path / "empty"), "features.npy") in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- all or nothing
+def tree_digest(directory) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+KILL_MID_SPLIT = """
+import os, signal, sys
+from xcent.extract import split
+from xcent.cli.extract import split_main
+
+original = split.write_split
+def write_then_die(out_dir, name, *args, **kwargs):
+    original(out_dir, name, *args, **kwargs)
+    if name == "train":  # train of the new split is written, val/test are not
+        os.kill(os.getpid(), signal.SIGKILL)
+split.write_split = write_then_die
+sys.exit(split_main(sys.argv[1:]))
+"""
+
+
+def test_split_killed_mid_rewrite_leaves_the_old_split(extracted, tmp_path):
+    """A kill while rewriting with another seed leaves the previous split whole (never
+    train from the new split beside val/test from the old); the next run cleans up."""
+    import subprocess
+    import sys
+
+    in_dir, _ = extracted
+    out_dir = tmp_path / "out"
+    assert run_split(in_dir, out_dir, "--seed", "1") == 0
+    before = tree_digest(out_dir)
+    args = ["--in", str(in_dir), "--out", str(out_dir), "--seed", "2"]
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_SPLIT, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert tree_digest(out_dir) == before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert leftovers  # the killed run's temporary directory
+    assert run_split(in_dir, out_dir, "--seed", "2") == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert tree_digest(out_dir) != before
+    assert json.loads((out_dir / "split.json").read_text())["seed"] == 2
+
+
+def test_split_failure_keeps_old_split_and_format_switch_leaves_one_format(extracted, tmp_path, monkeypatch):
+    from xcent.extract import split
+
+    in_dir, _ = extracted
+    out_dir = tmp_path / "out"
+    assert run_split(in_dir, out_dir) == 0
+    before = tree_digest(out_dir)
+    original = split.write_split
+
+    def fail_on_test(out, name, *args, **kwargs):
+        if name == "test":
+            raise OSError(28, "No space left on device")
+        return original(out, name, *args, **kwargs)
+
+    monkeypatch.setattr(split, "write_split", fail_on_test)
+    with pytest.raises(OSError):
+        split.make_split(str(in_dir), str(out_dir), seed=5, fmt="pt")
+    assert tree_digest(out_dir) == before and sorted(p.name for p in tmp_path.iterdir()) == ["extracted", "out"]
+    monkeypatch.setattr(split, "write_split", original)
+    assert run_split(in_dir, out_dir, "--format", "pt") == 0
+    for name in ("train", "val", "test"):
+        assert sorted(p.name for p in (out_dir / name).iterdir()) == ["features.pt", "labels.pt", "rows.npy"]
+
+
+def test_out_with_foreign_files_is_refused(extracted, tmp_path, capsys):
+    in_dir, _ = extracted
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("mine")
+    assert run_split(in_dir, out_dir) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "notes.txt" in err[0]
+    assert [p.name for p in out_dir.iterdir()] == ["notes.txt"]
+
+
+def test_float_labels_must_be_whole(tmp_path, capsys):
+    arrays = make_extracted(tmp_path / "whole", fmt="pt")
+    torch.save(torch.from_numpy(arrays["labels"].astype(np.float32)), tmp_path / "whole" / "labels.pt")
+    assert run_split(tmp_path / "whole", tmp_path / "out") == 0  # whole-number floats are fine
+    features, labels = read_split(tmp_path / "out", "train")
+    np.testing.assert_array_equal(labels, arrays["labels"][features[:, 0].astype(np.int64)])
+    assert labels.dtype == np.int64
+
+    fractional = arrays["labels"].astype(np.float64)
+    row = int(np.flatnonzero(arrays["is_cached"])[3])
+    fractional[row] = 18.91
+    torch.save(torch.from_numpy(fractional), tmp_path / "whole" / "labels.pt")
+    assert run_split(tmp_path / "whole", tmp_path / "out2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "18.91" in err[0] and "whole number" in err[0]
+    assert not (tmp_path / "out2").exists()
+
+
+# --------------------------------------------------- train refuses overlapping splits
+def test_train_refuses_overlapping_splits(extracted, tmp_path, capsys):
+    """A mixed split directory (val rows also in train, as an interrupted rewrite by an
+    older version left it) is refused by xcent train, naming the overlap count."""
+    from xcent.data import count_shared_rows, load_dataset
+
+    in_dir, arrays = extracted
+    out_dir = tmp_path / "out"
+    assert run_split(in_dir, out_dir, "--val-fraction", "0.2") == 0
+    load_dataset(out_dir)  # a clean split loads
+    # val from another seed: most of its rows are in this train split
+    assert run_split(in_dir, tmp_path / "other", "--val-fraction", "0.2", "--seed", "9") == 0
+    for name in ("features.npy", "labels.npy", "rows.npy"):
+        (out_dir / "val" / name).write_bytes((tmp_path / "other" / "val" / name).read_bytes())
+    shared = len(set(np.load(out_dir / "train/rows.npy")) & set(np.load(out_dir / "val/rows.npy")))
+    assert shared > 0
+    assert count_shared_rows(np.load(out_dir / "train/rows.npy"), np.load(out_dir / "val/rows.npy")) == shared
+    capsys.readouterr()
+    code = xcent_main(
+        ["train", "--data-dir", str(out_dir), "--out-dir", str(tmp_path / "runs"), "--name", "r", "--epochs", "1"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"{shared} of its" in err[0] and "overlap" in err[0]
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_count_shared_rows_brute_force(seed):
+    from xcent.data import count_shared_rows
+
+    rng = np.random.default_rng(seed)
+    a, b = rng.choice(1000, 300, replace=False), rng.choice(1000, 200, replace=False)
+    assert count_shared_rows(a, b) == len(set(a.tolist()) & set(b.tolist()))
+    assert count_shared_rows(a, np.zeros(0, dtype=np.int64)) == 0

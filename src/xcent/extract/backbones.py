@@ -11,15 +11,15 @@
   Module names follow the released checkpoints (``conv1``, ``bn1``, ``prelu``,
   ``layer1``..``layer4``, ``bn2``, ``fc``, ``features``) so ``--pretrained-path`` can load
   a published ``backbone.pth`` state_dict as is.
-- ``iresnet_tiny``: the same architecture, narrow and shallow, for tests.
 - ``bioclip``: BioCLIP's ViT-B-16 image tower through ``open_clip`` (imported only here,
   so the rest of xcent never needs it), with open_clip's own preprocessing.
-- ``clip_tiny``: a small conv net with CLIP-style preprocessing (resize, center crop,
-  CLIP mean/std) and L2-normalized output, standing in for ``bioclip`` in tests,
-  because open_clip needs torchvision, which cannot always be installed beside torch.
 
-Face features (iresnet) are returned as the network gives them; CLIP-style features are
+Face features (iresnet) are returned as the network gives them; CLIP features are
 L2-normalized, as BioCLIP's ``encode_image(normalize=True)`` does.
+
+`ARCHS` is the user-facing registry (the ``--arch`` choices). `register_arch` adds a
+backbone to it (tests register tiny networks this way; so can a user with a backbone
+of their own, before calling the extraction).
 """
 
 from __future__ import annotations
@@ -34,10 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-
-# OpenAI CLIP's normalization, which open_clip uses for ViT-B-16 and hence BioCLIP.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # --------------------------------------------------------------------------- IResNet
@@ -133,27 +129,6 @@ def iresnet(name: str, feature_dim: int = 512) -> IResNet:
     return IResNet(IRESNET_DEPTHS[name], feature_dim=feature_dim)
 
 
-def iresnet_tiny(feature_dim: int = 16) -> IResNet:
-    """One narrow unit per stage, still on 112x112 faces: milliseconds per image."""
-    return IResNet((1, 1, 1, 1), widths=(4, 8, 8, 8), feature_dim=feature_dim)
-
-
-# ----------------------------------------------------------------- tiny CLIP stand-in
-class TinyImageTower(nn.Module):
-    """A two-conv image encoder with a linear projection: a test stand-in for a CLIP tower."""
-
-    def __init__(self, feature_dim: int = 16, width: int = 8):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, kernel_size=3, stride=2, padding=1)
-        self.proj = nn.Linear(2 * width, feature_dim)
-        self.feature_dim = feature_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv2(F.relu(self.conv1(x))))
-        return self.proj(x.mean(dim=(2, 3)))
-
-
 # ------------------------------------------------------------------- preprocessing
 def _to_chw(image, mean, std) -> torch.Tensor:
     """PIL RGB image -> float tensor (3, H, W) in [0, 1], then (x - mean) / std per channel."""
@@ -176,26 +151,6 @@ class FacePreprocess:
         if image.size != (self.size, self.size):
             raise ValueError(f"expected a {self.size}x{self.size} aligned face, got {image.size[0]}x{image.size[1]}")
         return _to_chw(image.convert("RGB"), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-class ClipPreprocess:
-    """CLIP-style: resize the short side (bicubic), center crop, CLIP mean/std."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, image) -> torch.Tensor:
-        from PIL import Image
-
-        image = image.convert("RGB")
-        width, height = image.size
-        scale = self.size / min(width, height)
-        new_size = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
-        image = image.resize(new_size, Image.BICUBIC)
-        left = (new_size[0] - self.size) // 2
-        top = (new_size[1] - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        return _to_chw(image, CLIP_MEAN, CLIP_STD)
 
 
 # ------------------------------------------------------------------------ registry
@@ -233,90 +188,111 @@ def load_state_dict_file(path: str) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _load_into(model: nn.Module, path: str, arch: str) -> None:
-    state = load_state_dict_file(path)
-    result = model.load_state_dict(state, strict=False)
+def load_weights(model: nn.Module, pretrained_path: str | None, arch: str) -> None:
+    """Load a state_dict file into ``model`` (strict), or raise a one-line `UsageError`
+    naming ``--pretrained-path`` when it is missing or does not fit."""
+    if pretrained_path is None:
+        raise UsageError(f"--pretrained-path is required for --arch {arch} (a state_dict file)")
+    state = load_state_dict_file(pretrained_path)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch, e.g. a different --feature-dim
+        raise UsageError(
+            f"--pretrained-path: {pretrained_path} does not fit --arch {arch}: {str(exc).splitlines()[-1].strip()}"
+        ) from exc
     if result.missing_keys or result.unexpected_keys:
         missing = ", ".join(result.missing_keys[:3])
         unexpected = ", ".join(result.unexpected_keys[:3])
         raise UsageError(
-            f"--pretrained-path: {path} does not fit --arch {arch} "
+            f"--pretrained-path: {pretrained_path} does not fit --arch {arch} "
             f"(missing: {missing or 'none'}; unexpected: {unexpected or 'none'})"
         )
 
 
 def _build_iresnet(arch: str, pretrained_path: str | None, feature_dim: int) -> Backbone:
-    model = iresnet_tiny(feature_dim) if arch == "iresnet_tiny" else iresnet(arch, feature_dim)
-    if pretrained_path is None:
-        raise UsageError(f"--pretrained-path is required for --arch {arch} (a state_dict file)")
-    try:
-        _load_into(model, pretrained_path, arch)
-    except RuntimeError as exc:  # shape mismatch, e.g. a different --feature-dim
-        raise UsageError(
-            f"--pretrained-path: {pretrained_path} does not fit --arch {arch}: {str(exc).splitlines()[-1].strip()}"
-        ) from exc
+    model = iresnet(arch, feature_dim)
+    load_weights(model, pretrained_path, arch)
     return Backbone(arch, model, FacePreprocess(model.input_size), feature_dim, normalize=False)
-
-
-def _build_clip_tiny(arch: str, pretrained_path: str | None, feature_dim: int) -> Backbone:
-    model = TinyImageTower(feature_dim)
-    if pretrained_path is None:
-        raise UsageError(f"--pretrained-path is required for --arch {arch} (a state_dict file)")
-    try:
-        _load_into(model, pretrained_path, arch)
-    except RuntimeError as exc:
-        raise UsageError(
-            f"--pretrained-path: {pretrained_path} does not fit --arch {arch}: {str(exc).splitlines()[-1].strip()}"
-        ) from exc
-    return Backbone(arch, model, ClipPreprocess(32), feature_dim, normalize=True)
 
 
 BIOCLIP_HUB = "hf-hub:imageomics/bioclip"
 
 
-def _build_bioclip(arch: str, pretrained_path: str | None, feature_dim: int) -> Backbone:
-    """BioCLIP: ``hf-hub:imageomics/bioclip`` by default, or an open_clip ViT-B-16
-    checkpoint file (a hub cannot be assumed reachable)."""
+def import_open_clip(arch: str):
+    """``open_clip``, or a one-line `UsageError` that names the fix.
+
+    open_clip imports torchvision, whose wheels only load beside the torch build they
+    were made for: the common failure is not a missing package but a mismatched pair.
+    """
     try:
         import open_clip
-    except Exception as exc:  # noqa: BLE001 - open_clip fails with RuntimeError when torchvision is broken
-        raise UsageError(f"--arch bioclip needs open_clip (pip install 'xcent[extract]'): {exc}") from exc
-    source = pretrained_path or BIOCLIP_HUB
-    try:
-        if source.startswith("hf-hub:"):
-            model, _, preprocess = open_clip.create_model_and_transforms(source)
-        else:
-            if not os.path.isfile(source):
-                raise UsageError(f"--pretrained-path: file not found: {source}")
-            model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained=source)
-    except UsageError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a bad checkpoint or an unreachable hub
-        raise UsageError(f"--pretrained-path: cannot load BioCLIP from {source}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a broken torchvision raises RuntimeError, not ImportError
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise UsageError(
+            f"--arch {arch} needs open_clip with a torchvision built for torch {torch.__version__}; install "
+            f"a matching pair, e.g. pip install torch==2.14.1 torchvision==0.29.1 'xcent[extract]' "
+            f"(see docs/data-preparation.md); import failed: {reason}"
+        ) from exc
+    return open_clip
 
-    class _ImageTower(nn.Module):
-        # encode_image(normalize=False): normalization is applied by Backbone.encode
-        def __init__(self, clip):
-            super().__init__()
-            self.clip = clip
 
-        def forward(self, x):
-            return self.clip.encode_image(x)
+def open_clip_builder(model_name: str, default_source: str | None = None):
+    """A builder for the image tower of the open_clip model ``model_name``, with
+    open_clip's own preprocessing, from ``--pretrained-path`` (an open_clip checkpoint
+    file or ``hf-hub:NAME``) or ``default_source``."""
 
-    output_dim = int(getattr(model.visual, "output_dim", feature_dim))
-    return Backbone(arch, _ImageTower(model), preprocess, output_dim, normalize=True)
+    def build(arch: str, pretrained_path: str | None, feature_dim: int) -> Backbone:
+        open_clip = import_open_clip(arch)
+        source = pretrained_path or default_source
+        if source is None:
+            raise UsageError(f"--pretrained-path is required for --arch {arch} (an open_clip checkpoint file)")
+        try:
+            if source.startswith("hf-hub:"):
+                model, _, preprocess = open_clip.create_model_and_transforms(source)
+            else:
+                if not os.path.isfile(source):
+                    raise UsageError(f"--pretrained-path: file not found: {source}")
+                model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=source)
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bad checkpoint or an unreachable hub
+            reason = " ".join(str(exc).split())[:200]
+            raise UsageError(
+                f"--pretrained-path: cannot load {model_name} for --arch {arch} from {source}: {reason}"
+            ) from exc
+        output_dim = int(getattr(model.visual, "output_dim", feature_dim))
+        return Backbone(arch, _ImageTower(model), preprocess, output_dim, normalize=True)
 
+    return build
+
+
+class _ImageTower(nn.Module):
+    """``encode_image`` of an open_clip model as a module (normalization is applied by
+    `Backbone.encode`); the text tower is dropped to free its memory."""
+
+    def __init__(self, clip):
+        super().__init__()
+        for name in ("transformer", "token_embedding", "ln_final", "text"):
+            if hasattr(clip, name):
+                setattr(clip, name, None)
+        self.clip = clip
+
+    def forward(self, x):
+        return self.clip.encode_image(x)
+
+
+Builder = Callable[[str, "str | None", int], Backbone]
 
 #: --arch name -> builder(arch, pretrained_path, feature_dim) -> Backbone
-ARCHS: dict[str, Callable[[str, str | None, int], Backbone]] = {
+ARCHS: dict[str, Builder] = {
     **dict.fromkeys(IRESNET_DEPTHS, _build_iresnet),
-    "iresnet_tiny": _build_iresnet,
-    "bioclip": _build_bioclip,
-    "clip_tiny": _build_clip_tiny,
+    "bioclip": open_clip_builder("ViT-B-16", BIOCLIP_HUB),
 }
 
-#: the seed's backbone for each dataset
-DEFAULT_ARCH = {"glint360k": "iresnet50", "treeoflife10m": "bioclip"}
+
+def register_arch(name: str, builder: Builder) -> None:
+    """Make ``builder`` available as ``--arch name`` (replacing an entry of that name)."""
+    ARCHS[name] = builder
 
 
 def build_backbone(arch: str, pretrained_path: str | None, feature_dim: int, device: str) -> Backbone:

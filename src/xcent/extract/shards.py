@@ -6,22 +6,27 @@ sample: ``000123.jpg`` + ``000123.cls`` -> ``{"__key__": "000123", "jpg": ..., "
 but reading it ourselves lets each bad sample be counted under a named reason and the
 run go on, where webdataset's handlers either stop the pipeline or drop a sample
 without saying which; it also keeps the extraction free of that dependency and of its
-API changes between 0.2 and 1.0. Plain ``.tar`` and compressed ``.tar.gz`` shards both
-work (``tarfile`` streams either).
+API changes between 0.2 and 1.0. Plain ``.tar`` and compressed ``.tar.gz`` (also bzip2,
+xz) shards work; the stream is checked to its end, because ``tarfile`` alone takes a
+damaged header for the end of the archive and would drop the rest of a shard unseen.
 
-``--data-url`` uses the seed's syntax: bash-style braces (``shard-{000..416}.tar.gz``,
+``--data-url`` uses the reference implementation's syntax: bash-style braces (``shard-{000..416}.tar.gz``,
 ``{a,b}``), several patterns joined by ``::``, and shell wildcards.
 """
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
+import lzma
 import os
 import re
 import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from ..errors import UsageError
 
@@ -147,32 +152,118 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
-def iter_shard(path: str, errors: Counter, warn=None) -> Iterator[dict]:
+@dataclass
+class ShardBreak:
+    """A shard whose tar stream broke off: ``samples_read`` samples were yielded before
+    the break, the rest of the shard is lost (counted as one ``bad_shard``)."""
+
+    path: str
+    samples_read: int
+    error: str
+
+
+#: bytes of decompressed stream kept behind the read position: tarfile reads ahead in
+#: records of 10 KiB, so the block where it stopped always lies within this window
+_TAIL_BYTES = 1 << 16
+
+
+class _TailReader:
+    """A read-only stream that remembers its position and the last bytes it returned,
+    so that the block on which ``tarfile`` stopped can be looked at afterwards."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.position = 0
+        self.tail = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.position += len(data)
+        self.tail = (self.tail + data)[-_TAIL_BYTES:]
+        return data
+
+    def since(self, offset: int) -> bytes | None:
+        """The bytes from ``offset`` up to the position, or None if they left the tail."""
+        start = self.position - len(self.tail)
+        return self.tail[offset - start :] if offset >= start else None
+
+
+def _open_decompressed(path: str):
+    """The shard's tar bytes: gzip, bzip2 and xz are recognised by their magic bytes
+    (not the name) and decompressed with integrity checks (CRC, length) at the end."""
+    raw = open(path, "rb")  # noqa: SIM115 - closed by iter_shard, which owns both streams
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    if magic[:3] == b"BZh":
+        return bz2.BZ2File(raw, mode="rb"), raw
+    if magic == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(raw, mode="rb"), raw
+    return raw, raw
+
+
+def _check_end(reader: _TailReader, end_offset: int) -> None:
+    """Raise `tarfile.ReadError` unless the archive ended properly.
+
+    ``tarfile`` ends an archive quietly on an all-zero block, but also on a block that is
+    not a valid header (damaged bytes) or on a stream cut at a member boundary. A proper
+    end is a zero block (two by the standard, padded with zeros to a record) and nothing
+    but zeros after it; reading the stream to its end also runs the decompressor's own
+    check (gzip's CRC and length), which catches damage inside member data.
+    """
+    rest = reader.since(end_offset)
+    if rest is None:
+        raise tarfile.ReadError(f"cannot check the end of the archive at byte {end_offset}")
+    size, nonzero = len(rest), any(rest)
+    while chunk := reader.stream.read(1 << 20):
+        size += len(chunk)
+        nonzero = nonzero or any(chunk)
+    if size < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"archive cut short at byte {end_offset} (no end-of-archive block)")
+    if nonzero:
+        raise tarfile.ReadError(f"damaged header at byte {end_offset} of the archive")
+
+
+#: what a broken stream raises: tarfile's own errors, I/O errors (gzip.BadGzipFile,
+#: bzip2), a truncated compressed stream (EOFError), zlib and xz errors
+_STREAM_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def iter_shard(path: str) -> Iterator[dict | ShardBreak]:
     """The samples of one shard, as dicts of ``{"__key__", "__url__", ext: bytes}``.
 
-    A tar stream that breaks off (truncated download, bad gzip) counts one ``bad_shard``
-    and ends this shard; the samples read before the break are still yielded.
+    A tar stream that is truncated or damaged anywhere (including a damaged header,
+    which ``tarfile`` alone takes for the end of the archive) ends the shard with one
+    `ShardBreak` as the last item; the samples read before the break are yielded first.
+    The sample being assembled at the break may miss members: it is dropped, not guessed.
     """
     sample: dict | None = None
+    samples_read = 0
+    raw = None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        stream, raw = _open_decompressed(path)
+        reader = _TailReader(stream)
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 key, ext = split_member_name(member.name)
                 if sample is not None and key != sample["__key__"]:
                     yield sample
+                    samples_read += 1
                     sample = None
                 if sample is None:
                     sample = {"__key__": key, "__url__": path}
                 handle = tar.extractfile(member)
                 sample[ext] = handle.read() if handle is not None else b""
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        errors["bad_shard"] += 1
-        if warn is not None:
-            last = sample["__key__"] if sample else "(start)"
-            warn(f"{path}: shard breaks off near key {last}: {exc}; rest of the shard skipped")
-        return  # the sample being read may be missing members: drop it rather than guess
+            _check_end(reader, tar.offset)
+    except _STREAM_ERRORS as exc:
+        yield ShardBreak(path, samples_read, f"{type(exc).__name__}: {exc}")
+        return
+    finally:
+        if raw is not None:
+            raw.close()
     if sample is not None:
         yield sample
 

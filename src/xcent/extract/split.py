@@ -16,18 +16,26 @@ proportional one while the totals are exactly ``n_val`` and ``n_test``.
 
 Rows of each split are written in ascending global-row order (sequential reads of the
 memory-mapped source; the trainer shuffles anyway), with ``rows.npy`` recording which
-global row each one came from.
+global row each one came from (``xcent train`` checks with them that the splits are
+disjoint).
+
+All or nothing: `make_split` writes the whole output (``train/``, ``val/``, ``test/``,
+``classes.txt``, ``split.json``) into a temporary directory beside ``--out`` and swaps
+it into place at the end (`xcent.fileio.atomic_dir`), so an interrupted rerun never
+leaves one split from the new run beside another from the old one, and a split
+directory always holds exactly one format.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
 import numpy as np
 
 from ..errors import UsageError
-from ..fileio import atomic_path
+from ..fileio import atomic_dir, atomic_path, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -124,8 +132,9 @@ def class_coverage(labels_of: dict[str, np.ndarray], num_classes: int) -> dict[s
 def load_extracted(in_dir: str):
     """``(features, labels, is_cached, classes)`` from an extraction directory.
 
-    Reads the ``.npy`` files memory-mapped, or falls back to the seed's ``.pt`` tensors.
-    ``is_cached`` defaults to all rows when absent (a seed output without it);
+    Reads the ``.npy`` files memory-mapped, or falls back to the reference implementation's
+    ``.pt`` tensors. ``is_cached`` defaults to all rows when absent (an output of the
+    reference implementation has none);
     ``classes`` is ``None`` without a ``classes.txt``.
     """
     if not os.path.isdir(in_dir):
@@ -196,3 +205,91 @@ def write_split(
                 torch.save(torch.from_numpy(np.ascontiguousarray(array)), tmp)
     with atomic_path(os.path.join(split_dir, "rows.npy")) as tmp:
         np.save(tmp, rows.astype(np.int64))
+
+
+#: what a split directory holds; anything else in ``--out`` is refused, since the whole
+#: directory is replaced
+SPLIT_ENTRIES = frozenset({*SPLITS, "classes.txt", "split.json"})
+
+
+def integer_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """``labels`` as int64; float labels must be whole numbers (never truncated)."""
+    labels = np.asarray(labels)
+    if np.issubdtype(labels.dtype, np.integer):
+        return labels.astype(np.int64, copy=False)
+    if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.floating):
+        raise UsageError(f"{where}: labels must be integers, found dtype {labels.dtype}")
+    whole = np.isfinite(labels) & (labels == np.round(labels))
+    if not whole.all():
+        at = int(np.flatnonzero(~whole)[0])
+        raise UsageError(f"{where}: label {labels[at]!r} (row {at}) is not a whole number; labels are class indices")
+    return labels.astype(np.int64)
+
+
+def check_out_dir(out_dir: str, in_dir: str) -> None:
+    """``--out`` must be new, or a directory holding only a previous split."""
+    if os.path.abspath(in_dir) == os.path.abspath(out_dir):
+        raise UsageError("--out must differ from --in")
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--out: {out_dir} is not a directory")
+    foreign = sorted(set(os.listdir(out_dir)) - SPLIT_ENTRIES)
+    if foreign:
+        raise UsageError(
+            f"--out: {out_dir} holds {foreign[0]!r}, which is not part of a split; the whole directory is "
+            f"replaced, so use an empty or new directory"
+        )
+
+
+def make_split(
+    in_dir: str,
+    out_dir: str,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    seed: int = 42,
+    stratify: bool = False,
+    fmt: str = "npy",
+) -> dict:
+    """Split the cached rows of the extraction directory ``in_dir`` into ``out_dir``
+    (replaced whole, atomically); returns the report also written as ``split.json``."""
+    if fmt not in ("npy", "pt"):
+        raise UsageError(f"--format must be npy or pt, got {fmt!r}")
+    check_out_dir(out_dir, in_dir)
+    features, labels, is_cached, classes = load_extracted(in_dir)
+    rows = np.flatnonzero(np.asarray(is_cached))
+    if len(rows) == 0:
+        raise UsageError(f"--in: {in_dir} has no cached row")
+    row_labels = integer_labels(labels[rows], f"--in: {in_dir}")
+    if row_labels.min() < 0:
+        raise UsageError(f"--in: {in_dir} has negative labels")
+    num_classes = len(classes) if classes is not None else int(row_labels.max()) + 1
+    if row_labels.max() >= num_classes:
+        raise UsageError(f"--in: label {int(row_labels.max())} is beyond the {num_classes} lines of classes.txt")
+    num_val = resolve_count(val_fraction, len(rows), "--val-fraction")
+    num_test = resolve_count(test_fraction, len(rows), "--test-fraction")
+    parts = split_rows(rows, row_labels, num_val, num_test, seed, stratify)
+
+    # labels of every row, as integers, indexed like the source (uncached rows: -1)
+    all_labels = np.full(len(labels), -1, dtype=np.int64)
+    all_labels[rows] = row_labels
+    coverage = class_coverage({name: all_labels[parts[name]] for name in SPLITS}, num_classes)
+    report = {
+        "in": os.path.abspath(in_dir),
+        "seed": seed,
+        "stratify": stratify,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "format": fmt,
+        "num_samples": {name: int(len(parts[name])) for name in SPLITS},
+        "num_cached": int(len(rows)),
+        "not_cached": int(len(labels) - len(rows)),
+        **coverage,
+    }
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLITS:
+            write_split(str(tmp), name, features, all_labels, parts[name], fmt)
+        if classes is not None:
+            write_text_atomic(tmp / "classes.txt", "".join(f"{c}\n" for c in classes))
+        write_text_atomic(tmp / "split.json", json.dumps(report, indent=2) + "\n")
+    return report
