@@ -7,6 +7,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from xcent.data import synthesize
 
+#: Devices the device-parametrized tests run on: the CPU always, CUDA where present
+#: (benchmarks/device_check.sh runs the suite on a GPU machine).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device of :data:`DEVICES` in turn; tests that take it are marked ``device``."""
+    return torch.device(request.param)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
