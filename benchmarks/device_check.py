@@ -34,6 +34,7 @@ import _common as cm  # noqa: E402
 
 from xcent.classifier import init_weight  # noqa: E402
 from xcent.data import load_split  # noqa: E402
+from xcent.device import ThreadPolicy  # noqa: E402
 from xcent.evaluate import evaluate  # noqa: E402
 from xcent.losses import ALGORITHMS, DEFAULTS, build  # noqa: E402
 from xcent.step import train_step  # noqa: E402
@@ -99,11 +100,12 @@ def step_rows(device, split, sizes, precisions, rates) -> list[dict]:
                                         lr, **kw)
                     ks.append(result.num_distinct)
 
-                for i in range(5):
-                    step(i)
                 steps = sizes["steps"]
                 counter = iter(range(5, 5 + steps))
-                seconds = timed(lambda step=step, counter=counter: step(next(counter)), device, steps) / steps
+                with ThreadPolicy.use(ThreadPolicy().step_threads(B, cm.FEATURE_DIM)):  # as xcent train does
+                    for i in range(5):
+                        step(i)
+                    seconds = timed(lambda step=step, counter=counter: step(next(counter)), device, steps) / steps
                 K = sum(ks) / len(ks)
                 floor = 4.0 * B * K * cm.FEATURE_DIM / rates["bf16" if precision == "bf16" else "fp32"]
                 rows.append({"part": "train step", "algorithm": name, "batch_size": B, "precision": precision,
@@ -118,8 +120,9 @@ def eval_rows(device, split, sizes, rates) -> list[dict]:
     weight = init_weight(sizes["classes"], cm.FEATURE_DIM, 0, device=device)
     rows_n = min(sizes["eval_rows"], split.num_samples)
     index = torch.arange(rows_n)
-    evaluate(split, weight, rows=index[:1024])  # warm-up
-    seconds = timed(lambda: evaluate(split, weight, rows=index), device)
+    with ThreadPolicy.use(ThreadPolicy().eval_threads()):
+        evaluate(split, weight, rows=index[:1024])  # warm-up
+        seconds = timed(lambda: evaluate(split, weight, rows=index), device)
     flops = 2.0 * rows_n * sizes["classes"] * cm.FEATURE_DIM
     print(f"  evaluation of {rows_n:,} rows x {sizes['classes']:,} classes: {seconds:.2f} s", flush=True)
     return [{"part": "evaluation", "rows": rows_n, "classes": sizes["classes"], "seconds": seconds,
@@ -193,17 +196,16 @@ def main(argv=None) -> int:
         report["rows"].append(tests_row(device))
     rates = {"fp32": matmul_rate(device, torch.float32)}
     rates["bf16"] = matmul_rate(device, torch.bfloat16) if "bf16" in precisions else rates["fp32"]
-    report["matmul_tflops"] = {k: v / 1e12 for k, v in rates.items()}
+    report["matmul_gflops"] = {k: v / 1e9 for k, v in rates.items()}
     print("  matmul rate: " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in rates.items()), flush=True)
     with cm.temp_dir() as tmp:
         data = tmp / "data"
         cm.write_split(data / "train", sizes["split_rows"], sizes["classes"], seed=0)
         cm.write_split(data / "val", 10_000 if gpu else 1_000, sizes["classes"], seed=1)
         train = load_split(data, "train", check_features=False)
-        if gpu:  # the trainer keeps host rows in pinned memory for asynchronous copies
-            train.features = torch.from_numpy(train.features[:]).pin_memory()
-        else:
-            train.features = torch.from_numpy(train.features[:])
+        train.features = torch.from_numpy(train.features[:].copy())  # host memory, as the target
+        if gpu:  # pinned, for asynchronous copies
+            train.features = train.features.pin_memory()
         report["rows"] += step_rows(device, train, sizes, precisions, rates)
         report["rows"] += eval_rows(device, train, sizes, rates)
         del train

@@ -95,12 +95,12 @@ class BruteForce:
 
 @pytest.mark.parametrize("name", ALGOS)
 @pytest.mark.parametrize("hp", [{}, {"gamma": 0.3}])
-def test_matches_bruteforce_over_steps(name, hp):
+def test_matches_bruteforce_over_steps(name, hp, device):
     if name == "bsgd":
         hp = {}
     rng = np.random.default_rng(0)
     num_samples, epochs = 12, 4
-    algo = build(name, num_samples, dtype=torch.float64, **hp)
+    algo = build(name, num_samples, dtype=torch.float64, **hp).to(device)
     ref = BruteForce(name, num_samples, **hp)
     # first visits, revisits, and every epoch of the schedule
     batches = [[0, 1, 2, 3], [4, 5, 0, 1], [2, 6, 7, 0], [1, 3, 5, 7], [8, 0, 2, 4], [9, 10, 1, 0]]
@@ -109,13 +109,13 @@ def test_matches_bruteforce_over_steps(name, hp):
         algo.set_epoch(epoch, epochs)
         ref.epoch, ref.epochs = epoch, epochs
         K = 5 + step % 3
-        logits = random_logits(rng, len(rows), K).requires_grad_(True)
-        index = torch.tensor(rows)
+        logits = random_logits(rng, len(rows), K).to(device).requires_grad_(True)
+        index = torch.tensor(rows, device=device)
         loss = algo(logits, index)
         assert loss.dim() == 0 and torch.isfinite(loss)
         loss.backward()
-        G_ref = ref.step(logits.detach(), rows)
-        np.testing.assert_allclose(logits.grad.numpy(), G_ref, rtol=1e-6, atol=1e-300)
+        G_ref = ref.step(logits.detach().cpu(), rows)
+        np.testing.assert_allclose(logits.grad.cpu().numpy(), G_ref, rtol=1e-6, atol=1e-300)
         if name != "bsgd":
             for row, value in ref.nu.items():
                 assert algo.nu_set[row]
