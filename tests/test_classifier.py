@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import AllocationRecorder
 
-from xcent.classifier import full_softmax_stats, in_batch_logits, init_weight
+from xcent.classifier import full_softmax_stats, in_batch_logits, init_weight, scan_classes
 from xcent.losses import build
 from xcent.step import train_step
 
@@ -108,3 +108,110 @@ def test_full_softmax_stats_equal_dense():
     order = scores.argsort(dim=1, descending=True)
     true_rank = (order == y[:, None]).float().argmax(dim=1)
     assert torch.equal(rank, true_rank)
+
+
+def brute_rank(scores, y):
+    """Other classes scoring at least as high as the true one (ties count against)."""
+    own = scores.gather(1, y[:, None])
+    return (scores >= own).sum(dim=1) - 1
+
+
+def tie_problem(seed, n=41, num_classes=53, dim=4):
+    """Integer weights and features in {-1, 0, 1}: every score is an exact small
+    integer whatever the summation order, so ties are plentiful and exact."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-1, 2, (num_classes, dim), generator=gen).float()
+    x = torch.randint(-1, 2, (n, dim), generator=gen).float()
+    y = torch.randint(0, num_classes, (n,), generator=gen)
+    return x, y, weight
+
+
+@pytest.mark.parametrize("class_chunk,row_chunk", [(5, 7), (53, None), (16, 1), (4096, 100)])
+def test_scan_classes_equals_dense_with_ties(class_chunk, row_chunk):
+    x, y, weight = tie_problem(0)
+    scores = x @ weight.T
+    assert (brute_rank(scores, y) > 0).float().mean() > 0.5  # the ties are really there
+    out = torch.empty_like(scores)
+    target = scores.gather(1, y[:, None]).squeeze(1)
+    scan = scan_classes(x, weight, target=target, labels=y, k=6, scores_out=out, class_chunk=class_chunk,
+                        row_chunk=row_chunk)
+    assert torch.equal(scan.rank, brute_rank(scores, y))
+    assert torch.equal(out, scores)
+    torch.testing.assert_close(scan.lse, torch.logsumexp(scores, dim=1))
+    want = torch.sort(scores, dim=1, descending=True).values[:, :6]
+    assert torch.equal(scan.top_scores, want)
+    # ids are any of the tied classes: their scores are the top scores, each id once
+    assert torch.equal(scores.gather(1, scan.top_ids), want)
+    assert all(len(set(r)) == 6 for r in scan.top_ids.tolist())
+
+
+def test_full_softmax_stats_counts_ties_against_the_model():
+    x, y, weight = tie_problem(1)
+    lse, target, rank = full_softmax_stats(x, y, weight, class_chunk=8)
+    assert torch.equal(rank, brute_rank(x @ weight.T, y))
+    # all-zero weight: every class ties with the true one, nothing is right at top-5
+    C = weight.shape[0]
+    _, _, rank = full_softmax_stats(x, y, torch.zeros_like(weight), class_chunk=8)
+    assert torch.equal(rank, torch.full_like(rank, C - 1))
+    # all-equal rows with real values and real features: the scores tie exactly only
+    # if the target is computed with the GEMM's arithmetic (a product-sum differs in
+    # the last bit for about half of the rows)
+    gen = torch.Generator().manual_seed(2)
+    for dim in (7, 512):
+        row = torch.randn(1, dim, generator=gen)
+        feats = torch.randn(300, dim, generator=gen)
+        labels = torch.randint(0, 100, (300,), generator=gen)
+        _, _, rank = full_softmax_stats(feats, labels, row.expand(100, dim).contiguous(), class_chunk=16)
+        assert torch.equal(rank, torch.full_like(rank, 99))
+
+
+def test_class_shards_sum_to_the_full_rank_and_lse():
+    """What the class-sharded evaluation does across ranks, on one process: each
+    shard scans its classes with the global target; ranks add, lses combine."""
+    x, y, weight = tie_problem(3)
+    lse, target, rank = full_softmax_stats(x, y, weight)
+    parts = [(0, 20), (20, 21), (21, 53)]
+    ranks, lses, targets = [], [], []
+    for lo, hi in parts:
+        shard_lse, shard_target, shard_rank = full_softmax_stats(x, y, weight[lo:hi], class_offset=lo, class_chunk=6)
+        ranks.append(shard_rank), lses.append(shard_lse), targets.append(shard_target)
+    assert torch.equal(sum(targets), target)  # each target comes from exactly one shard
+    g = sum(targets)
+    total = sum(scan_classes(x, weight[lo:hi], target=g, labels=y - lo, class_chunk=6).rank for lo, hi in parts)
+    assert torch.equal(total, rank) and torch.equal(rank, brute_rank(x @ weight.T, y))
+    torch.testing.assert_close(torch.logsumexp(torch.stack(lses), 0), lse)
+    scan = scan_classes(x, weight[21:], k=3, class_offset=21)
+    assert bool((scan.top_ids >= 21).all())
+
+
+def _sharded_stats_worker(rank, world, store_path, out_dir):
+    import torch.distributed as dist
+
+    from xcent.distributed import DistContext, class_range, sharded_stats
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        ctx = DistContext(rank, world, torch.device("cpu"))
+        x, y, weight = tie_problem(4)
+        results = {}
+        for name, w in (("ties", weight), ("zero", torch.zeros_like(weight))):
+            lo, hi = class_range(w.shape[0], rank, world)
+            results[name] = sharded_stats(x, y, w[lo:hi].contiguous(), lo, ctx, class_chunk=5)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_stats_count_ties_like_one_process(tmp_path):
+    """The distributed evaluation (gloo, 2 processes) applies the same tie rule."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_stats_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    x, y, weight = tie_problem(4)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        lse, target, r = got["ties"]
+        assert torch.equal(r, brute_rank(x @ weight.T, y))
+        torch.testing.assert_close(lse, torch.logsumexp(x @ weight.T, dim=1))
+        assert torch.equal(got["zero"][2], torch.full_like(r, weight.shape[0] - 1))

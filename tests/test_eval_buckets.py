@@ -144,3 +144,24 @@ def test_per_class_sums_agree_with_evaluate_and_with_the_buckets(tmp_path):
     hit = (scores.argmax(1) == val.labels).double()
     per_class = [float(hit[val.labels == c].mean()) for c in torch.unique(val.labels).tolist()]
     assert overall["macro_top1"] == pytest.approx(sum(per_class) / len(per_class))
+
+
+@pytest.mark.parametrize("kind", ["zero", "constant"])
+def test_ties_count_against_the_model_in_eval_and_training_evaluation(kind, tmp_path, capsys):
+    """An all-zero or all-equal-rows weight ranks every class equal: nothing is right
+    (it used to score top-1 1.000), in xcent eval and in the trainer's evaluate."""
+    synthesize(tmp_path / "data", num_classes=30, feature_dim=8, num_samples=600, seed=2)
+    data = load_dataset(tmp_path / "data")
+    row = torch.randn(1, 8, generator=torch.Generator().manual_seed(1))
+    weight = torch.zeros(30, 8) if kind == "zero" else row.expand(30, 8).contiguous()
+    val = data.splits["val"]
+    m = evaluate(val, weight, chunk_rows=13, class_chunk=7)
+    assert (m["top1"], m["top5"]) == (0.0, 0.0)
+    assert m["loss"] == pytest.approx(math.log(30), rel=1e-5)
+    ckpt = tmp_path / "w.pt"
+    save_atomic({"format": FORMAT, "weight": weight, "epoch": 0, "algorithm": "scent", "num_classes": 30,
+                 "feature_dim": 8, "config": {}}, ckpt)
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "data"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["top1"], got["top5"], got["macro_top1"]) == (0.0, 0.0, 0.0)

@@ -11,10 +11,11 @@ from conftest import AllocationRecorder
 
 import xcent
 from xcent import cli
+from xcent.classifier import scan_classes
 from xcent.data import synthesize
 from xcent.modelio import FORMAT, load_model, save_atomic
 from xcent.modelio import load as load_ckpt
-from xcent.predict import Classifier, _write_atomic, topk_softmax
+from xcent.predict import Classifier, _write_atomic
 
 C, D = 40, 12
 
@@ -51,12 +52,13 @@ def fail(argv, capsys):
 
 
 @pytest.mark.parametrize("class_chunk", [3, 7, 40, 1000])
-def test_topk_softmax_equals_dense_softmax(class_chunk):
+def test_topk_scan_equals_dense_softmax(class_chunk):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(9, D, generator=gen, dtype=torch.float64)
     weight = torch.randn(C, D, generator=gen, dtype=torch.float64)
     k = 5
-    scores, ids, lse = topk_softmax(x, weight, k, class_chunk)
+    scan = scan_classes(x, weight, k=k, class_chunk=class_chunk)
+    scores, ids, lse = scan.top_scores, scan.top_ids, scan.lse
     full = x @ weight.T
     want_vals, want_ids = torch.sort(full, dim=1, descending=True)
     assert torch.equal(ids, want_ids[:, :k])  # chunks smaller than k, uneven last chunk, one chunk
@@ -119,6 +121,20 @@ def test_cli_predict_jsonl_and_csv_equal_dense_softmax(run, tmp_path, capsys):
         assert int(line[1]) == want_ids[r, 0] and int(line[4]) == want_ids[r, 1]
         assert line[2] == f"n{want_ids[r, 0]}, \"quoted\""
         assert float(line[3]) == pytest.approx(float(want_p[r, 0]), rel=1e-5)
+
+
+def test_predict_top_k_hits_equal_eval_accuracy(run, tmp_path, capsys):
+    """Counting hits in xcent predict's output gives xcent eval's top-1 and top-5."""
+    out = tmp_path / "p.jsonl"
+    assert cli.main(["predict", "--checkpoint", str(run["ckpt"]), "--features",
+                     str(run["data"] / "val" / "features.npy"), "--top-k", "5", "--out", str(out)]) == 0
+    labels = np.load(run["data"] / "val" / "labels.npy")
+    ids = [r["ids"] for r in read_jsonl(out)]
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(run["ckpt"]), "--data-dir", str(run["data"]), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["top1"] == pytest.approx(np.mean([r[0] == y for r, y in zip(ids, labels)]))
+    assert m["top5"] == pytest.approx(np.mean([y in r for r, y in zip(ids, labels)]))
 
 
 def test_export_round_trips_bit_for_bit(run, tmp_path, capsys):

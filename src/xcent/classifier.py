@@ -11,20 +11,25 @@
 
   one (K, B) x (B, D) matmul; rows outside ``U`` are neither read nor written, so
   the update equals dense SGD over all C rows exactly (their gradient is zero).
-* :func:`full_softmax_stats` evaluates the real objective, the softmax CE over all C
-  classes, and the rank of the true class, in cache-sized (rows x classes) blocks
-  with an online logsumexp; never an N x C matrix.
+* :func:`scan_classes` is the one class-chunk kernel behind every full-softmax
+  quantity: evaluation (:func:`full_softmax_stats`: the softmax CE over all C
+  classes and the rank of the true class, ties counted against the model), top-k
+  prediction and log-probabilities (:class:`xcent.Classifier`), and the
+  class-sharded evaluation (each rank scans its classes). Cache-sized
+  (rows x classes) blocks with an online logsumexp; never an N x C matrix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "ClassScan",
     "InBatch",
     "full_softmax_stats",
     "in_batch_logits",
@@ -32,6 +37,7 @@ __all__ = [
     "relative_logits",
     "relative_logits_",
     "row_gradient_weights_",
+    "scan_classes",
     "sparse_sgd_step",
     "target_logits",
 ]
@@ -149,7 +155,7 @@ def sparse_sgd_step(weight: Tensor, batch: InBatch, grad_logits: Tensor, lr: flo
     return new_rows
 
 
-#: (rows, classes) of one CPU evaluation block: 8 MB of float32 scores, cache-sized
+#: (rows, classes) of one CPU score block: 8 MB of float32 scores, cache-sized
 CPU_BLOCK = (256, 8192)
 
 
@@ -158,79 +164,146 @@ def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + size, total)
 
 
-@torch.no_grad()
-def full_softmax_stats(features: Tensor, labels: Tensor, weight: Tensor, class_chunk: int = 32768,
-                       class_offset: int = 0, row_chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row full-softmax statistics over the classes of ``weight``.
+class ClassScan(NamedTuple):
+    """What :func:`scan_classes` returns; the fields not asked for are None.
 
-    Returns ``(lse, target, rank)``, each (n,): ``lse_i = logsumexp_c w_c . x_i``,
-    ``target_i = w_{y_i} . x_i`` (0 where the label is not among this weight's
-    classes, i.e. outside ``[class_offset, class_offset + C)``), and
-    ``rank_i = #{c != y_i : w_c . x_i > target_i}`` (counted against ``target``,
-    which must be final: pass ``target`` separately via
-    :func:`full_softmax_stats_with_target` when classes are sharded).
-    CE = lse - target; top-k correct iff rank < k (ties count in the model's
-    favour). Memory: one (row_chunk, class_chunk) block of scores at a time.
-    """
-    x = features.to(device=weight.device, dtype=weight.dtype)
-    y = labels.to(device=weight.device, dtype=torch.long) - class_offset
-    target = target_logits(x, y, weight)
-    lse, rank = full_softmax_stats_with_target(x, y, weight, target, class_chunk, row_chunk)
-    return lse, target, rank
+    ``lse`` (n,) ``log sum_c exp(s_ic)`` over the weight's classes; ``rank`` (n,)
+    int64 ``#{c != y_i : s_ic >= target_i}``; ``top_scores`` / ``top_ids`` (n, k)
+    the k largest scores, best first, and their class ids (plus ``class_offset``)."""
 
-
-def target_logits(x: Tensor, y: Tensor, weight: Tensor) -> Tensor:
-    """``w_{y_i} . x_i`` for the rows whose (local) label ``y_i`` is a row of
-    ``weight``, 0 for the others (a class shard sums these over ranks)."""
-    owned = (y >= 0) & (y < weight.shape[0])
-    target = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    if owned.any():
-        target[owned] = (x[owned] * weight.index_select(0, y[owned])).sum(dim=1)
-    return target
+    lse: Tensor
+    rank: Tensor | None
+    top_scores: Tensor | None
+    top_ids: Tensor | None
 
 
 @torch.no_grad()
-def full_softmax_stats_with_target(x: Tensor, y: Tensor, weight: Tensor, target: Tensor,
-                                   class_chunk: int = 32768, row_chunk: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(lse, rank)`` over this weight's classes given the final ``target`` logits;
-    ``y`` is local (own class excluded from the rank where ``0 <= y < C``).
+def scan_classes(x: Tensor, weight: Tensor, *, target: Tensor | None = None, labels: Tensor | None = None,
+                 k: int = 0, scores_out: Tensor | None = None, class_chunk: int = 32768,
+                 row_chunk: int | None = None, class_offset: int = 0) -> ClassScan:
+    """THE class-chunk kernel: every full-softmax quantity over all C classes
+    (evaluation, ``xcent eval``, the class-sharded evaluation, top-k prediction,
+    log-probabilities) is one walk over the classes of ``weight`` in chunks.
 
-    Blocked and online: a (row_chunk, class_chunk) block of scores at a time (the only
-    temporary that grows with the chunk sizes), small enough to stay in cache across
-    the few passes that follow its GEMM: the running max and rescaled sum of an
-    online logsumexp, and the count of classes scoring above the target. The own
-    class is discounted from the count instead of being masked (no write into the
-    block). ``row_chunk=None``: all rows at once on an accelerator; on the CPU,
-    blocks of at most :data:`CPU_BLOCK` (rows, classes), which measured fastest
-    (``benchmarks/evaluate.py``)."""
+    ``x`` (n, D) in the weight's dtype and device, ``weight`` (C, D). For each block of
+    rows, the classes are visited in chunks; one reusable (row_chunk, class_chunk)
+    block receives the scores ``s_ic = w_c . x_i`` of a chunk (the only temporary that
+    grows with the chunk sizes: never (n, C)), the optional consumers read it, and
+    then it is turned in place into the terms of an online logsumexp (running max
+    ``m`` and rescaled sum ``S``: ``S <- S exp(m - m') + sum_c exp(s_ic - m')``,
+    Milakov and Gimelshein 2018, "Online normalizer calculation for softmax").
+    Consumers, each run on the block before the logsumexp overwrites it:
+
+    * ``target`` (n,): the rank of the true class, counted as the number of *other*
+      classes scoring at least as high: ``rank_i = #{c != y_i : s_ic >= target_i}``.
+      Ties count against the model: with an all-zero weight every row has rank
+      C - 1. ``labels`` (n,) are the true classes as rows of this ``weight``
+      (``y - class_offset``); a row whose label is outside ``[0, C)`` (another
+      rank's class) has no own class here to leave out. The own class is discounted
+      from the count rather than masked (no write into the block). ``target`` must
+      come from :func:`target_logits`, the same GEMM arithmetic as the block, so
+      that an exact tie is seen as one.
+    * ``k`` > 0: a running top-k; a chunk's own top-k is all that can enter the
+      global top-k, so merging 2k candidates keeps the state (n, k) however large C
+      is. Ties among the k are broken by ``torch.topk`` (arbitrarily).
+    * ``scores_out`` (n, C): the raw scores are copied into it (log-probabilities:
+      the caller subtracts ``lse``).
+
+    ``row_chunk=None``: all rows at once on an accelerator; on the CPU, blocks of at
+    most :data:`CPU_BLOCK` (rows, classes), which measured fastest
+    (``benchmarks/evaluate.py``: the block stays in cache across the passes that
+    follow its GEMM)."""
     n, num_classes = x.shape[0], weight.shape[0]
-    lse = torch.empty(n, dtype=x.dtype, device=x.device)
-    rank = torch.zeros(n, dtype=torch.long, device=x.device)
+    want_rank, k = target is not None, min(int(k), num_classes)
+    if want_rank and labels is None:
+        raise ValueError("scan_classes: target needs labels (the own class is left out of the rank)")
     if x.device.type == "cpu":
         row_chunk = min(row_chunk or CPU_BLOCK[0], CPU_BLOCK[0])
         class_chunk = min(class_chunk, CPU_BLOCK[1])
     row_chunk = max(1, min(row_chunk or n, n))
-    class_chunk = max(1, min(class_chunk, num_classes))
-    # comparison flags as 0.0/1.0 floats: much faster to write and sum than a bool
-    # mask; the per-block counts (<= class_chunk < 2^24) are exact in float32
-    class_chunk = min(class_chunk, 1 << 23)
-    block = torch.empty(row_chunk, class_chunk, dtype=x.dtype, device=x.device)
-    flags = torch.empty(block.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                        device=x.device)
+    # comparison flags are counted as 0.0/1.0 floats: much faster to write and sum than
+    # a bool mask; per-block counts (<= class_chunk < 2^24) are exact in float32
+    class_chunk = max(1, min(class_chunk, num_classes, 1 << 23))
+    dev, dt = x.device, x.dtype
+    lse = torch.empty(n, dtype=dt, device=dev)
+    rank = torch.zeros(n, dtype=torch.long, device=dev) if want_rank else None
+    top_scores = torch.empty(n, k, dtype=dt, device=dev) if k else None
+    top_ids = torch.empty(n, k, dtype=torch.long, device=dev) if k else None
+    # one block reused by every chunk: a fresh allocation per chunk costs page faults
+    # comparable to the GEMM itself on a CPU
+    block = torch.empty(row_chunk, class_chunk, dtype=dt, device=dev)
+    flags = torch.empty(block.shape, dtype=torch.float64 if dt == torch.float64 else torch.float32,
+                        device=dev) if want_rank else None
     for r0, r1 in _chunks(n, row_chunk):
-        xr, yr, tr = x[r0:r1], y[r0:r1], target[r0:r1, None]
-        run_max = torch.full((r1 - r0,), float("-inf"), dtype=x.dtype, device=x.device)
-        run_sum = torch.zeros(r1 - r0, dtype=x.dtype, device=x.device)
+        xr, rows = x[r0:r1], r1 - r0
+        if want_rank:
+            yr, tr = labels[r0:r1], target[r0:r1, None]
+        run_max = torch.full((rows,), float("-inf"), dtype=dt, device=dev)
+        run_sum = torch.zeros(rows, dtype=dt, device=dev)
+        best = torch.empty(rows, 0, dtype=dt, device=dev)
+        best_ids = torch.empty(rows, 0, dtype=torch.long, device=dev)
         for c0, c1 in _chunks(num_classes, class_chunk):
-            scores = block[:r1 - r0, :c1 - c0]
+            scores = block[:rows, :c1 - c0]
             torch.mm(xr, weight[c0:c1].T, out=scores)
-            above = torch.gt(scores, tr, out=flags[:r1 - r0, :c1 - c0]).sum(dim=1).long()
-            inside = (yr >= c0) & (yr < c1)
-            own = scores.gather(1, (yr - c0).clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
-            rank[r0:r1] += above - (inside & (own > tr.squeeze(1))).long()
-            new_max = torch.maximum(run_max, scores.amax(dim=1))
+            if want_rank:
+                at_least = torch.ge(scores, tr, out=flags[:rows, :c1 - c0]).sum(dim=1).long()
+                inside = (yr >= c0) & (yr < c1)
+                own = scores.gather(1, (yr - c0).clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
+                rank[r0:r1] += at_least - (inside & (own >= tr.squeeze(1))).long()
+            if scores_out is not None:
+                scores_out[r0:r1, c0:c1] = scores
+            if k:
+                vals, idx = torch.topk(scores, min(k, c1 - c0), dim=1)
+                best, pos = torch.topk(torch.cat([best, vals], dim=1), min(k, best.shape[1] + vals.shape[1]), dim=1)
+                best_ids = torch.cat([best_ids, idx + (c0 + class_offset)], dim=1).gather(1, pos)
+                chunk_max = vals[:, 0]  # the chunk's top-1 is its max: no extra pass
+            else:
+                chunk_max = scores.amax(dim=1)
+            new_max = torch.maximum(run_max, chunk_max)
             run_sum.mul_(torch.exp(run_max - new_max))
             run_sum.add_(scores.sub_(new_max[:, None]).exp_().sum(dim=1))
             run_max = new_max
         lse[r0:r1] = run_sum.log_().add_(run_max)
-    return lse, rank
+        if k:
+            top_scores[r0:r1], top_ids[r0:r1] = best, best_ids
+    return ClassScan(lse, rank, top_scores, top_ids)
+
+
+@torch.no_grad()
+def full_softmax_stats(features: Tensor, labels: Tensor, weight: Tensor, class_chunk: int = 32768,
+                       class_offset: int = 0, row_chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row full-softmax statistics over the classes of ``weight`` (the evaluation
+    use of :func:`scan_classes`).
+
+    Returns ``(lse, target, rank)``, each (n,): ``lse_i = logsumexp_c w_c . x_i``,
+    ``target_i = w_{y_i} . x_i`` (0 where the label is not among this weight's
+    classes, i.e. outside ``[class_offset, class_offset + C)``), and
+    ``rank_i = #{c != y_i : w_c . x_i >= target_i}``. CE = lse - target; top-k
+    correct iff rank < k, i.e. fewer than k other classes score at least as high
+    as the true class (ties count against the model). Memory: one
+    (row_chunk, class_chunk) block of scores at a time.
+    """
+    x = features.to(device=weight.device, dtype=weight.dtype)
+    y = labels.to(device=weight.device, dtype=torch.long) - class_offset
+    target = target_logits(x, y, weight)
+    scan = scan_classes(x, weight, target=target, labels=y, class_chunk=class_chunk, row_chunk=row_chunk)
+    return scan.lse, target, scan.rank
+
+
+def target_logits(x: Tensor, y: Tensor, weight: Tensor) -> Tensor:
+    """``w_{y_i} . x_i`` for the rows whose (local) label ``y_i`` is a row of
+    ``weight``, 0 for the others (a class shard sums these over ranks).
+
+    Computed as the diagonal of small GEMMs ``X_b W[y_b]^T`` (blocks of
+    :data:`CPU_BLOCK` rows, so the extra work is ``rows / C`` of the evaluation's)
+    rather than as an elementwise product and sum: the scores of
+    :func:`scan_classes` come from a GEMM, and a sum in another order can differ in
+    the last bit, which would turn an exact tie (identical class rows, an all-zero
+    weight) into a win or a loss at random."""
+    owned = (y >= 0) & (y < weight.shape[0])
+    target = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    if owned.any():
+        xo, wo = x[owned], weight.index_select(0, y[owned])
+        parts = [torch.mm(xo[a:b], wo[a:b].T).diagonal() for a, b in _chunks(xo.shape[0], CPU_BLOCK[0])]
+        target[owned] = torch.cat(parts)
+    return target

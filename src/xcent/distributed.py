@@ -30,7 +30,7 @@ update on the same rows (4 + 1 bytes per training row and rank: 85 MB at 17M row
 500 MB at 100M rows), which costs no communication and keeps resume with another
 process count trivial. Evaluation is sharded the same way: the target logit comes
 from the owner (all-reduce), the per-rank log-sum-exps are all-gathered and
-combined, and the counts of classes scoring above the target are summed.
+combined, and the counts of classes scoring at least as high as the target are summed.
 
 Checkpoints of a P-process run are directories ``epoch_K/`` holding
 ``shard_RRRRR.pt`` (each rank's rows) and ``manifest.pt`` (everything else, nu
@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .classifier import full_softmax_stats_with_target, target_logits
+from .classifier import scan_classes, target_logits
 from .errors import UsageError
 from .evaluate import summarize
 
@@ -143,7 +143,8 @@ def sharded_stats(features: Tensor, labels: Tensor, shard: Tensor, lo: int, ctx:
     y_local = labels.to(shard.device, torch.long) - lo
     target = target_logits(x, y_local, shard)
     dist.all_reduce(target)
-    lse_local, rank = full_softmax_stats_with_target(x, y_local, shard, target, class_chunk)
+    scan = scan_classes(x, shard, target=target, labels=y_local, class_chunk=class_chunk)
+    lse_local, rank = scan.lse, scan.rank
     pieces = [torch.empty_like(lse_local) for _ in range(ctx.world_size)]
     dist.all_gather(pieces, lse_local)
     dist.all_reduce(rank)

@@ -51,10 +51,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .classifier import InBatch, init_weight, row_gradient_weights_
+from .classifier import InBatch, init_weight, row_gradient_weights_, scan_classes
 from .distributed import all_gather_rows, class_range
 from .losses import build, get
-from .predict import TopK, topk_softmax
+from .predict import TopK
 from .step import LazySGD, effective_group, sharded_in_batch
 from .train import lr_at
 
@@ -218,7 +218,7 @@ class SparseSoftmaxHead(nn.Module):
     def topk(self, embeddings: Tensor, k: int = 5, class_chunk: int = 16384) -> TopK:
         """``TopK(ids, probs)`` (B, k): the k best classes of each embedding and their
         softmax probabilities over all C classes, computed class chunk by chunk with
-        :func:`xcent.predict.topk_softmax` (memory: one (B, class_chunk) block).
+        :func:`xcent.classifier.scan_classes` (memory: one (B, class_chunk) block).
         Class-sharded: a collective; each rank scores its classes and the per-rank
         top-k and log-normalisers are merged."""
         if not 1 <= k <= self.num_classes:
@@ -226,13 +226,14 @@ class SparseSoftmaxHead(nn.Module):
         self.flush()
         x = embeddings.detach().to(device=self.weight.device, dtype=self.weight.dtype)
         if self.process_group is None:
-            scores, ids, lse = topk_softmax(x, self.weight, k, class_chunk)
-            return TopK(ids, torch.exp(scores - lse[:, None]))
+            scan = scan_classes(x, self.weight, k=k, class_chunk=class_chunk)
+            return TopK(scan.top_ids, torch.exp(scan.top_scores - scan.lse[:, None]))
         x, _, _, offset, _ = self._gather(x)
-        scores, ids, lse = topk_softmax(x, self.weight, k, class_chunk)
+        scan = scan_classes(x, self.weight, k=k, class_chunk=class_chunk, class_offset=self.lo)
+        scores, lse = scan.top_scores, scan.lse
         pad = k - scores.shape[1]  # a shard with fewer than k classes
         scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
-        ids = torch.nn.functional.pad(ids + self.lo, (0, pad), value=-1)
+        ids = torch.nn.functional.pad(scan.top_ids, (0, pad), value=-1)
         parts = [torch.empty_like(t) for t in (scores, ids, lse) for _ in range(self.world_size)]
         P = self.world_size
         dist.all_gather(parts[:P], scores, group=self.process_group)

@@ -15,18 +15,36 @@ config), ``rng_state`` and ``format``.
 
 A class-sharded run (:mod:`xcent.distributed`) writes a directory ``epoch_K/`` instead:
 ``manifest.pt`` (the same dict without ``weight``, plus ``shards``: the row range of
-each file) and ``shard_RRRRR.pt`` (``{"weight": rows}``). :func:`load` assembles it
-into the same dict, :func:`load_rows` reads just a row range from either form, so a
-run can resume with any number of processes and ``xcent eval`` reads both.
+each file, and ``shard_checksums``) and ``shard_RRRRR.pt`` (``{"weight": rows}``).
+:func:`load` assembles it into the same dict, :func:`load_rows` reads just a row
+range from either form, so a run can resume with any number of processes and
+``xcent eval`` reads both.
+
+Integrity. Every dict written by :func:`save_atomic` carries ``checksums``: for each
+tensor, the crc32 of each 16 MiB piece of its bytes (:func:`tensor_checksum`); an
+export carries the same in its safetensors metadata. Every reader verifies them
+(:func:`validate`, the one check of structure and content, called by every loader),
+mmap loads included: the whole tensor is read once (crc32 runs at ~0.3-1 GB/s per
+core and the pieces are spread over cores), except that :func:`load_rows` reads only
+the pieces holding its rows. Hand-written on ``zlib.crc32`` because torch's zip
+reader never checks the CRCs its zip container stores (a flipped bit in a tensor
+loads silently, mmap or not) and safetensors stores none; files written before
+checksums existed are checked against those zip CRCs instead.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
+import shutil
 import struct
+import zipfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,66 +54,317 @@ from .fileio import atomic_path
 FORMAT = "xcent-checkpoint-v1"
 EXPORT_FORMAT = "xcent-export-v1"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)(\.pt)?$")
+_SHARD_FILE = re.compile(r"^shard_\d{5}\.pt$")
+# what interrupted saves leave behind: atomic_path's `.epoch_K.tmpPID.pt` and the
+# temporary directory `.epoch_K.tmp/` of a class-sharded save
+_STALE_TEMP = re.compile(r"^\.epoch_\d+\.tmp(\d+\.pt)?$")
 MANIFEST = "manifest.pt"
+
+#: bytes of a tensor per stored crc32: a row range is verified by reading only the
+#: pieces that hold it (a class shard resuming from a single-file checkpoint)
+CHECKSUM_BYTES = 1 << 24
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _tensor_bytes(t: Tensor) -> np.ndarray:
+    """The bytes of ``t`` (a CPU tensor, possibly memory-mapped) as a flat uint8 view,
+    no copy for a contiguous tensor."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _pieces(data: np.ndarray, lo: int = 0, hi: int | None = None) -> list[tuple[int, int]]:
+    hi = data.shape[0] if hi is None else hi
+    first, last = lo // CHECKSUM_BYTES, max(lo, hi - 1) // CHECKSUM_BYTES
+    return [(j * CHECKSUM_BYTES, min((j + 1) * CHECKSUM_BYTES, data.shape[0])) for j in range(first, last + 1)]
+
+
+def _crcs(data: np.ndarray, pieces: list[tuple[int, int]]) -> list[int]:
+    if len(pieces) == 1:
+        a, b = pieces[0]
+        return [zlib.crc32(data[a:b])]
+    # zlib releases the GIL on large buffers: the pieces are summed on several cores
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(pieces))) as pool:
+        return list(pool.map(lambda ab: zlib.crc32(data[ab[0]:ab[1]]), pieces))
+
+
+def tensor_checksum(t: Tensor) -> list[int]:
+    """crc32 of each :data:`CHECKSUM_BYTES` piece of the tensor's bytes, in order
+    (an empty tensor has one piece, crc32 of nothing)."""
+    data = _tensor_bytes(t)
+    return _crcs(data, _pieces(data))
+
+
+def _verify(t: Tensor, stored, name: str, where: str, rows: tuple[int, int] | None = None) -> None:
+    """Check ``t`` against its stored checksum; ``rows=(lo, hi)``: only the pieces that
+    hold those rows of a 2-d tensor are read."""
+    data = _tensor_bytes(t)
+    if rows is None:
+        pieces = _pieces(data)
+    else:
+        lo, hi = max(0, rows[0]), min(rows[1], t.shape[0])
+        if lo >= hi:
+            return
+        row_bytes = data.shape[0] // t.shape[0]
+        pieces = _pieces(data, lo * row_bytes, hi * row_bytes)
+    expected = len(_pieces(data))
+    if stored is None:
+        raise UsageError(f"{where}: corrupt checkpoint (tensor '{name}' has no checksum)")
+    if not isinstance(stored, list) or len(stored) != expected or not all(isinstance(c, int) for c in stored):
+        raise UsageError(f"{where}: corrupt checkpoint (the checksum of tensor '{name}' does not fit its size)")
+    if _crcs(data, pieces) != [stored[a // CHECKSUM_BYTES] for a, _ in pieces]:
+        raise UsageError(f"{where}: corrupt checkpoint (tensor '{name}' fails its checksum)")
+
+
+def _verify_zip(path: Path, where: str) -> None:
+    """A checkpoint written before tensor checksums existed: check the CRC-32 that the
+    zip container of ``torch.save`` stores for every record (torch's reader never
+    checks them, mmap or not). Reads the whole file once. A legacy non-zip file has
+    none: accepted with a warning."""
+    if not zipfile.is_zipfile(path):
+        log.warning("%s: no checksums (legacy torch.save format): integrity not verified", where)
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise UsageError(f"{where}: corrupt checkpoint (its zip container cannot be read: {type(exc).__name__})")
+    if bad is not None:
+        raise UsageError(f"{where}: corrupt checkpoint (record '{bad}' fails its zip CRC)")
+
+
+def with_checksums(obj: dict) -> dict:
+    """``obj`` plus ``checksums``: name -> :func:`tensor_checksum` of each tensor value."""
+    return {**obj, "checksums": {k: tensor_checksum(v) for k, v in obj.items() if isinstance(v, Tensor)}}
 
 
 def save_atomic(obj, path) -> None:
     """``torch.save`` to a temp file in the same directory, then ``os.replace``: a
-    crash leaves either the old file or the new one, never half of one."""
+    crash leaves either the old file or the new one, never half of one. A dict gets
+    the checksums of its tensors (:func:`with_checksums`), verified by every reader."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, dict):
+        obj = with_checksums({k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in obj.items()})
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
-def _torch_load(path: Path, what: str, map_location="cpu", mmap: bool = False):
+def clean_stale_temp(checkpoints_dir) -> list[Path]:
+    """Remove what interrupted saves left in ``checkpoints_dir`` (``.epoch_K.tmpPID.pt``
+    files, ``.epoch_K.tmp/`` directories of sharded saves); returns what was removed.
+    Call it at the start of a run or resume of that run directory, which no other
+    process writes to then."""
+    directory = Path(checkpoints_dir)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for name in sorted(os.listdir(directory)):
+        path = directory / name
+        if not _STALE_TEMP.match(name):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        log.warning("removed %d temporary file(s) of interrupted checkpoint saves in %s", len(removed), directory)
+    return removed
+
+
+# --------------------------------------------------------------------------- validation
+
+#: keys of a checkpoint that resume reads (a manifest has all but ``weight``)
+RESUME_KEYS = ("weight", "nu", "nu_set", "epoch", "best", "algorithm", "num_classes", "feature_dim",
+               "num_samples", "config", "rng_state")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate(ckpt, path, flag: str = "--resume", *, resume: bool = True, manifest: bool = False,
+             verify_weight: bool = True) -> dict:
+    """The one check of a loaded checkpoint dict (file, or sharded ``manifest``) that
+    every reader calls: its structure (a crafted file: missing keys, a short ``weight``
+    or ``nu``, a negative epoch, wrong dtypes) and the checksums of its tensors. A
+    problem is one :class:`UsageError` naming ``flag`` and ``path``. ``resume=False``
+    requires only the keys that reading the weights needs (eval, predict, export);
+    whatever else the file holds is checked all the same. ``verify_weight=False``
+    leaves the weight's checksum to :func:`load_rows`. Returns ``ckpt``.
+
+    A checkpoint without checksums (written by an xcent before they existed) is
+    accepted, not refused: refusing would strand every run trained so far. Its
+    structure is checked as any other, and its content against the CRC-32s of its
+    zip container (:func:`_verify_zip`)."""
+    where = f"{flag} {path}"
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UsageError(f"{where}: not an xcent checkpoint")
+
+    def bad(reason):
+        return UsageError(f"{where}: invalid checkpoint ({reason})")
+
+    required = [k for k in RESUME_KEYS if resume or k in ("weight", "num_classes", "feature_dim", "epoch")]
+    if manifest:
+        required = [k for k in required if k != "weight"] + ["shards"]
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise bad(f"missing {', '.join(repr(k) for k in missing)}")
+    for key in ("num_classes", "feature_dim", "num_samples"):
+        if key in ckpt and not (_is_int(ckpt[key]) and ckpt[key] > 0):
+            raise bad(f"'{key}' is {ckpt[key]!r}, not a positive integer")
+    if not (_is_int(ckpt["epoch"]) and ckpt["epoch"] >= 0):
+        raise bad(f"'epoch' is {ckpt['epoch']!r}, not a non-negative integer")
+    for key, kind in (("best", dict), ("config", dict), ("algorithm", str)):
+        if key in ckpt and not isinstance(ckpt[key], kind):
+            raise bad(f"'{key}' is a {type(ckpt[key]).__name__}, not a {kind.__name__}")
+    num_classes, feature_dim = ckpt["num_classes"], ckpt["feature_dim"]
+    if "weight" in ckpt:
+        w = ckpt["weight"]
+        if not isinstance(w, Tensor) or w.ndim != 2 or not w.is_floating_point():
+            raise bad("'weight' is not a 2-d float tensor")
+        if tuple(w.shape) != (num_classes, feature_dim):
+            raise bad(f"'weight' is {tuple(w.shape)}, num_classes x feature_dim is {(num_classes, feature_dim)}")
+    for key, ok, kind in (("nu", lambda t: t.is_floating_point(), "float"), ("nu_set", lambda t: t.dtype == torch.bool,
+                          "bool")):
+        if key not in ckpt:
+            continue
+        t = ckpt[key]
+        if not isinstance(t, Tensor) or t.ndim != 1 or not ok(t):
+            raise bad(f"'{key}' is not a 1-d {kind} tensor")
+        if "num_samples" in ckpt and t.shape[0] != ckpt["num_samples"]:
+            raise bad(f"'{key}' has {t.shape[0]} entries, num_samples is {ckpt['num_samples']}")
+    if "rng_state" in ckpt and not (isinstance(ckpt["rng_state"], Tensor) and ckpt["rng_state"].dtype == torch.uint8):
+        raise bad("'rng_state' is not a uint8 tensor")
+    if manifest:
+        _check_shards(ckpt, num_classes, bad)
+    checksums = ckpt.get("checksums")
+    if checksums is None:
+        _verify_zip(Path(path), where)
+        return ckpt
+    if not isinstance(checksums, dict):
+        raise bad("'checksums' is not a dict")
+    for key, value in ckpt.items():
+        if isinstance(value, Tensor) and not (key == "weight" and not verify_weight):
+            if key not in checksums:
+                raise UsageError(f"{where}: corrupt checkpoint (tensor '{key}' has no checksum)")
+            _verify(value, checksums[key], key, where)
+    return ckpt
+
+
+def _check_shards(manifest: dict, num_classes: int, bad) -> None:
+    """``shards``: ``(file name, lo, hi)`` rows, in order, covering ``[0, num_classes)``."""
+    shards = manifest["shards"]
+    if not isinstance(shards, (list, tuple)) or not shards:
+        raise bad("'shards' is not a list of (file, lo, hi)")
+    edge = 0
+    for entry in shards:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str)
+                and _SHARD_FILE.match(entry[0]) and _is_int(entry[1]) and _is_int(entry[2])):
+            raise bad(f"shard entry {entry!r} is not (shard_RRRRR.pt, lo, hi)")
+        if entry[1] != edge or entry[2] < entry[1]:
+            raise bad(f"shard {entry[0]} covers rows {entry[1]}..{entry[2]}, expected to start at {edge}")
+        edge = entry[2]
+    if edge != num_classes:
+        raise bad(f"the shards cover {edge} rows, num_classes is {num_classes}")
+    sums = manifest.get("shard_checksums")
+    if sums is not None and not (isinstance(sums, dict) and all(e[0] in sums for e in shards)):
+        raise bad("'shard_checksums' does not list every shard")
+
+
+def _torch_load(path: Path, flag: str, map_location="cpu", mmap: bool = False):
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:
-        raise UsageError(f"checkpoint {what}: cannot be read, not an xcent checkpoint or corrupt "
+        raise UsageError(f"{flag} {path}: corrupt or not an xcent checkpoint, cannot be read "
                          f"({type(exc).__name__})")
 
 
-def _load_manifest(path: Path) -> dict:
-    manifest = _torch_load(path / MANIFEST, str(path)) if (path / MANIFEST).is_file() else None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "shards" not in manifest:
-        raise UsageError(f"checkpoint {path}: not an xcent checkpoint (no valid {MANIFEST})")
-    return manifest
+def _load_manifest(path: Path, flag: str, resume: bool = True) -> dict:
+    if not (path / MANIFEST).is_file():
+        raise UsageError(f"{flag} {path}: not an xcent checkpoint (no {MANIFEST})")
+    manifest = _torch_load(path / MANIFEST, flag)
+    return validate(manifest, path / MANIFEST, flag, resume=resume, manifest=True)
 
 
-def load_rows(path, lo: int, hi: int) -> torch.Tensor:
+def _load_shard(directory: Path, name: str, s_lo: int, s_hi: int, manifest: dict, flag: str,
+                rows: tuple[int, int]) -> Tensor:
+    """One shard's weight, memory-mapped, its structure checked and the pieces that
+    hold ``rows`` (shard-local) verified against the shard's own checksums and the
+    manifest's record of them (a shard of another save in its place is refused)."""
+    path = directory / name
+    where = f"{flag} {path}"
+    if not path.is_file():
+        raise UsageError(f"{where}: missing shard of a sharded checkpoint")
+    shard = _torch_load(path, flag, mmap=True)
+    w = shard.get("weight") if isinstance(shard, dict) else None
+    shape = (s_hi - s_lo, manifest["feature_dim"])
+    if not isinstance(w, Tensor) or w.ndim != 2 or not w.is_floating_point() or tuple(w.shape) != shape:
+        raise UsageError(f"{where}: invalid checkpoint (shard 'weight' is not a {shape} float tensor)")
+    stored = (shard.get("checksums") or {}).get("weight")
+    recorded = (manifest.get("shard_checksums") or {}).get(name)
+    if recorded is not None and stored != recorded:
+        raise UsageError(f"{where}: corrupt checkpoint (the shard is not the one its manifest records)")
+    if stored is None:
+        _verify_zip(path, where)
+    else:
+        _verify(w, stored, "weight", where, rows=rows)
+    return w
+
+
+def load_rows(path, lo: int, hi: int, flag: str = "--resume") -> torch.Tensor:
     """Rows ``lo:hi`` of the weight of a checkpoint file or sharded directory, read
-    memory-mapped so that only those rows are brought into memory."""
+    memory-mapped so that only those rows (and the checksum pieces holding them) are
+    brought into memory; verified, errors name ``flag``."""
     path = Path(path)
     if path.is_dir():
-        manifest = _load_manifest(path)
+        manifest = _load_manifest(path, flag, resume=False)
         parts = []
         for name, s_lo, s_hi in manifest["shards"]:
             a, b = max(lo, s_lo), min(hi, s_hi)
             if a < b:
-                shard = _torch_load(path / name, str(path / name), mmap=True)["weight"]
+                shard = _load_shard(path, name, s_lo, s_hi, manifest, flag, rows=(a - s_lo, b - s_lo))
                 parts.append(shard[a - s_lo:b - s_lo].clone())
         return torch.cat(parts) if parts else torch.empty(0)
-    weight = _torch_load(path, str(path), mmap=True)["weight"]
+    ckpt = _load_file(path, flag, mmap=True, resume=False, verify_weight=False)
+    weight = ckpt["weight"]
+    if ckpt.get("checksums") is not None:
+        _verify(weight, ckpt["checksums"].get("weight"), "weight", f"{flag} {path}", rows=(lo, hi))
     return weight[lo:hi].clone()
 
 
-def load(path, map_location="cpu", mmap: bool = False, weight: bool = True) -> dict:
-    """Load and sanity-check a checkpoint file or sharded directory (assembled into one
-    dict); a one-line ``UsageError`` if it is not one. ``weight=False`` leaves a
-    sharded checkpoint's rows on disk (the dict then has no ``weight``): resume reads
-    only its metadata and duals, each rank then :func:`load_rows` its own classes."""
+def _load_file(path: Path, flag: str, map_location="cpu", mmap: bool = False, resume: bool = True,
+               verify_weight: bool = True) -> dict:
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    return validate(_torch_load(path, flag, map_location, mmap), path, flag, resume=resume,
+                    verify_weight=verify_weight)
+
+
+def load(path, map_location="cpu", mmap: bool = False, weight: bool = True, flag: str = "--resume",
+         resume: bool = True) -> dict:
+    """Load and verify a checkpoint file or sharded directory (assembled into one
+    dict); anything wrong (unreadable, crafted, failing a checksum) is a one-line
+    ``UsageError`` naming ``flag`` and the file (see :func:`validate`). ``resume``:
+    require the training state too. ``weight=False`` leaves the rows on disk (the
+    dict then has no ``weight``; the file's weight is neither kept nor verified
+    here): resume reads only the metadata and duals, each rank then
+    :func:`load_rows` (which verifies) its own classes."""
     path = Path(path)
     if path.is_dir():
-        ckpt = dict(_load_manifest(path))
+        ckpt = dict(_load_manifest(path, flag, resume=resume))
         if weight:
-            ckpt["weight"] = load_rows(path, 0, ckpt["num_classes"])
+            ckpt["weight"] = load_rows(path, 0, ckpt["num_classes"], flag)
         return ckpt
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path}: no such file")
-    ckpt = _torch_load(path, str(path), map_location, mmap)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "weight" not in ckpt:
-        raise UsageError(f"checkpoint {path}: not an xcent checkpoint")
+    ckpt = _load_file(path, flag, map_location, mmap, resume=resume, verify_weight=weight)
+    if not weight:
+        ckpt = {k: v for k, v in ckpt.items() if k != "weight"}
     return ckpt
 
 
@@ -135,8 +404,6 @@ def save_sharded(ctx, directory, epoch: int, rows: torch.Tensor, lo: int, hi: in
     Each rank writes its rows into a temporary directory; after a barrier rank 0
     writes the manifest and renames the directory into place, so a crash leaves
     either no ``epoch_K/`` or a complete one."""
-    import shutil
-
     import torch.distributed as dist
 
     directory = Path(directory)
@@ -153,7 +420,12 @@ def save_sharded(ctx, directory, epoch: int, rows: torch.Tensor, lo: int, hi: in
     ctx.barrier()
     if ctx.is_main:
         shards = [(f"shard_{r:05d}.pt", int(g[0]), int(g[1])) for r, g in enumerate(gathered)]
-        save_atomic({**meta, "shards": shards, "world_size": ctx.world_size}, tmp / MANIFEST)
+        # the manifest records each shard's checksums (read back from the small pickle,
+        # the rows stay on disk), so a shard of another save in its place is refused
+        sums = {name: torch.load(tmp / name, weights_only=True, mmap=True)["checksums"]["weight"]
+                for name, _, _ in shards}
+        save_atomic({**meta, "shards": shards, "shard_checksums": sums, "world_size": ctx.world_size},
+                    tmp / MANIFEST)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -162,7 +434,6 @@ def save_sharded(ctx, directory, epoch: int, rows: torch.Tensor, lo: int, hi: in
 
 
 # --------------------------------------------------------------------------- any trained weights
-
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -210,24 +481,42 @@ def _names_from_data_dir(data_dir, num_classes: int) -> list[str] | None:
     return names if len(names) == num_classes else None
 
 
-def _load_safetensors(path: Path, device) -> tuple[Tensor, dict]:
+def _load_safetensors(path: Path, device, flag: str) -> tuple[Tensor, dict]:
     from safetensors import safe_open
 
+    where = f"{flag} {path}"
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        # tensors are read on the CPU, where their bytes are verified, then moved
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
             keys = set(f.keys())
             ours = header.get("format") == EXPORT_FORMAT and "weight" in keys
-            weight = f.get_tensor("weight") if ours else None
-            blob = f.get_tensor("label_names") if ours and "label_names" in keys else None
+            tensors = {k: f.get_tensor(k) for k in ("weight", "label_names") if ours and k in keys}
     except Exception as exc:  # safetensors raises its own error types and plain ones on garbage
-        raise UsageError(f"checkpoint {path}: cannot be read as safetensors ({type(exc).__name__})")
+        raise UsageError(f"{where}: corrupt or not safetensors, cannot be read ({type(exc).__name__})")
     if not ours:
-        raise UsageError(f"checkpoint {path}: a safetensors file but not an xcent export "
+        raise UsageError(f"{where}: a safetensors file but not an xcent export "
                          f"(no format={EXPORT_FORMAT} metadata or no 'weight' tensor)")
+    if header.get("checksums") is None:
+        log.warning("%s: no checksums (written by an older xcent): integrity not verified", where)
+    else:
+        try:
+            sums = json.loads(header["checksums"])
+        except ValueError:
+            sums = None
+        if not isinstance(sums, dict):
+            raise UsageError(f"{where}: corrupt export (its 'checksums' metadata is not a JSON object)")
+        for key, t in tensors.items():
+            if key not in sums:
+                raise UsageError(f"{where}: corrupt export (tensor '{key}' has no checksum)")
+            _verify(t, sums[key], key, where)
+    weight, blob = tensors["weight"], tensors.get("label_names")
     # names travel as one UTF-8 byte tensor joined by newlines rather than in the
     # header: the header is capped (100 MB) and every reader parses it whole
-    names = None if blob is None else blob.cpu().numpy().tobytes().decode("utf-8").split("\n")
+    try:
+        names = None if blob is None else blob.numpy().tobytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise UsageError(f"{where}: invalid export (label names are not UTF-8)")
 
     def opt_int(key):
         return int(header[key]) if header.get(key, "") != "" else None
@@ -238,24 +527,20 @@ def _load_safetensors(path: Path, device) -> tuple[Tensor, dict]:
                 "num_samples": opt_int("num_samples"), "label_names": names, "data_dir": None,
                 "source": "safetensors"}
     except (KeyError, ValueError) as exc:
-        raise UsageError(f"checkpoint {path}: broken xcent export metadata ({type(exc).__name__}: {exc})")
-    return weight, meta
+        raise UsageError(f"{where}: broken xcent export metadata ({type(exc).__name__}: {exc})")
+    return weight.to(device), meta
 
 
-def _load_checkpoint(path: Path, device) -> tuple[Tensor, dict]:
-    # mmap: the dual state nu (one float per training row) is never paged in
-    ckpt = load(path, map_location="cpu", mmap=True)
-    config = ckpt.get("config") or {}
-    weight = ckpt["weight"]
-    if not isinstance(weight, Tensor) or weight.ndim != 2:
-        raise UsageError(f"checkpoint {path}: 'weight' is not a (num_classes, feature_dim) tensor")
+def _load_checkpoint(path: Path, device, flag: str) -> tuple[Tensor, dict]:
+    # mmap: only the pieces read to verify them are paged in
+    ckpt = load(path, map_location="cpu", mmap=True, flag=flag, resume=False)
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     meta = {
-        "num_classes": int(ckpt.get("num_classes", weight.shape[0])),
-        "feature_dim": int(ckpt.get("feature_dim", weight.shape[-1])),
-        "algorithm": ckpt.get("algorithm"), "epoch": ckpt.get("epoch"), "num_samples": ckpt.get("num_samples"),
+        "num_classes": ckpt["num_classes"], "feature_dim": ckpt["feature_dim"],
+        "algorithm": ckpt.get("algorithm"), "epoch": ckpt["epoch"], "num_samples": ckpt.get("num_samples"),
         "label_names": None, "data_dir": config.get("data_dir"), "source": "checkpoint",
     }
-    return weight.to(device), meta
+    return ckpt["weight"].to(device), meta
 
 
 def load_model(path, device="cpu", flag: str = "--checkpoint") -> tuple[Tensor, dict]:
@@ -266,21 +551,17 @@ def load_model(path, device="cpu", flag: str = "--checkpoint") -> tuple[Tensor, 
     name). ``meta`` has ``num_classes``, ``feature_dim``,
     ``algorithm``, ``epoch``, ``num_samples``, ``label_names`` (a list when the file
     carries them, else None), ``data_dir`` (the training data dir, when known) and
-    ``source``. Anything else is a one-line ``UsageError`` naming ``flag``. This is the single
-    entry point for every reader of weights; extend it for new formats.
+    ``source``. Every file is verified (structure and checksums, see :func:`validate`);
+    anything wrong is a one-line ``UsageError`` naming ``flag`` and the file. This is
+    the single entry point for every reader of weights; extend it for new formats.
     """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{flag} {path}: no such file")
-    try:
-        # a directory is a class-sharded checkpoint (epoch_K/ with a manifest), which
-        # xcent.checkpoint.load assembles into the same dict as a single file
-        reader = _load_safetensors if path.is_file() and _is_safetensors(path) else _load_checkpoint
-        weight, meta = reader(path, device)
-    except UsageError as exc:
-        # the readers say "checkpoint PATH: ..."; name the flag the user typed instead
-        text = str(exc)
-        raise UsageError(f"{flag} {text[len('checkpoint '):]}" if text.startswith("checkpoint ") else text) from None
+    # a directory is a class-sharded checkpoint (epoch_K/ with a manifest), which
+    # load() assembles into the same dict as a single file
+    reader = _load_safetensors if path.is_file() and _is_safetensors(path) else _load_checkpoint
+    weight, meta = reader(path, device, flag)
     if not isinstance(weight, Tensor) or weight.ndim != 2 or not weight.is_floating_point():
         raise UsageError(f"{flag} {path}: 'weight' is not a 2-d float tensor")
     if tuple(weight.shape) != (meta["num_classes"], meta["feature_dim"]):
@@ -290,7 +571,6 @@ def load_model(path, device="cpu", flag: str = "--checkpoint") -> tuple[Tensor, 
         raise UsageError(f"{flag} {path}: {len(meta['label_names'])} label names for "
                          f"{meta['num_classes']} classes")
     return weight, meta
-
 
 
 def export_safetensors(weight: Tensor, meta: dict, out: Path) -> None:
@@ -308,6 +588,7 @@ def export_safetensors(weight: Tensor, meta: dict, out: Path) -> None:
     header = {"format": EXPORT_FORMAT, "num_classes": str(int(weight.shape[0])),
               "feature_dim": str(int(weight.shape[1])), "algorithm": str(meta.get("algorithm") or ""),
               "epoch": "" if meta.get("epoch") is None else str(int(meta["epoch"])),
-              "num_samples": "" if meta.get("num_samples") is None else str(int(meta["num_samples"]))}
+              "num_samples": "" if meta.get("num_samples") is None else str(int(meta["num_samples"])),
+              "checksums": json.dumps({k: tensor_checksum(t) for k, t in tensors.items()})}
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=header)

@@ -2,15 +2,12 @@
 
 * Weights are read by :func:`xcent.modelio.load_model` (checkpoints, sharded
   directories, safetensors exports).
-* :func:`topk_softmax` is the memory-bounded kernel. For a block of n rows it walks
-  the C classes in chunks of ``class_chunk`` and keeps, per row,
-
-      a running top-k of the scores  s_ic = w_c . x_i   (merge: top-k of old k + chunk's k)
-      a running log-normaliser       lse_i = log sum_c exp(s_ic)   (logaddexp per chunk)
-
-  so the largest temporary is one (n, class_chunk) score block, never (n, C). At the
-  end the softmax probabilities of the k winners are ``p_ic = exp(s_ic - lse_i)``
-  (probabilities over all C classes, not renormalised over the k).
+* The work is :func:`xcent.classifier.scan_classes`, the one class-chunk kernel
+  (shared with evaluation): for a block of n rows it walks the C classes in chunks
+  and keeps, per row, a running top-k of the scores ``s_ic = w_c . x_i`` and an
+  online log-normaliser ``lse_i = log sum_c exp(s_ic)``, so the largest temporary
+  is one score block, never (n, C). The softmax probabilities of the k winners are
+  ``p_ic = exp(s_ic - lse_i)`` (over all C classes, not renormalised over the k).
 * ``xcent predict`` streams a feature file through it and writes JSONL or CSV
   atomically; ``xcent export`` writes the weight and its metadata as safetensors.
 """
@@ -30,11 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .classifier import scan_classes
 from .errors import UsageError
 from .fileio import atomic_path
 from .modelio import _names_from_data_dir, load_model, read_label_names
 
-__all__ = ["Classifier", "TopK", "topk_softmax", "load_features", "write_predictions"]
+__all__ = ["Classifier", "TopK", "load_features", "write_predictions"]
 
 DEFAULT_CHUNK_ROWS = 1024
 DEFAULT_CLASS_CHUNK = 16384
@@ -49,44 +47,6 @@ class TopK(NamedTuple):
 
     ids: Tensor
     probs: Tensor
-
-
-@torch.no_grad()
-def topk_softmax(x: Tensor, weight: Tensor, k: int, class_chunk: int = DEFAULT_CLASS_CHUNK
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k scores over all C classes and the log-normaliser, class chunk by chunk.
-
-    ``x`` (n, D) in the weight's dtype and device, ``weight`` (C, D). Returns
-    ``(scores (n, k), ids (n, k), lse (n,))`` with ``scores_ij = w_{ids_ij} . x_i``
-    in decreasing order and ``lse_i = logsumexp_c w_c . x_i``. Ties are broken by
-    ``torch.topk`` (arbitrary). Peak extra memory: one (n, class_chunk) block.
-    """
-    n, num_classes = x.shape[0], weight.shape[0]
-    k = min(k, num_classes)
-    best = torch.full((n, 0), float("-inf"), dtype=x.dtype, device=x.device)
-    best_ids = torch.zeros((n, 0), dtype=torch.long, device=x.device)
-    lse = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
-    # One score buffer reused by every chunk: a fresh (n, class_chunk) allocation per
-    # chunk costs page faults comparable to the matmul itself on a CPU.
-    buf = torch.empty(n * min(class_chunk, num_classes), dtype=x.dtype, device=x.device)
-    for start in range(0, num_classes, class_chunk):
-        stop = min(start + class_chunk, num_classes)
-        scores = buf[: n * (stop - start)].view(n, stop - start)
-        torch.mm(x, weight[start:stop].T, out=scores)
-        # the chunk's own top-k is all that can enter the global top-k; merging 2k
-        # candidates keeps the running state (n, k) however large C is
-        vals, idx = torch.topk(scores, min(k, stop - start), dim=1)
-        cand = torch.cat([best, vals], dim=1)
-        cand_ids = torch.cat([best_ids, idx + start], dim=1)
-        best, pos = torch.topk(cand, min(k, cand.shape[1]), dim=1)
-        best_ids = cand_ids.gather(1, pos)
-        # logsumexp of the chunk in place, shifted by its max (= its top-1, in hand):
-        # log sum_c exp(s_c) = m + log sum_c exp(s_c - m); torch.logsumexp would
-        # allocate two more (n, chunk) temporaries and cost more than the matmul
-        top = vals[:, :1]
-        chunk_lse = scores.sub_(top).exp_().sum(dim=1).log_().add_(top[:, 0])
-        lse = torch.logaddexp(lse, chunk_lse)
-    return best, best_ids, lse
 
 
 def _as_tensor(features) -> Tensor:
@@ -185,8 +145,8 @@ class Classifier:
         if not 1 <= k <= self.num_classes:
             raise UsageError(f"k={k}: must be between 1 and num_classes ({self.num_classes})")
         for start in range(0, x.shape[0], self.chunk_rows):
-            scores, ids, lse = topk_softmax(self._chunk(x, start), self.weight, k, self.class_chunk)
-            yield start, TopK(ids.cpu(), torch.exp(scores - lse[:, None]).cpu())
+            scan = scan_classes(self._chunk(x, start), self.weight, k=k, class_chunk=self.class_chunk)
+            yield start, TopK(scan.top_ids.cpu(), torch.exp(scan.top_scores - scan.lse[:, None]).cpu())
 
     @torch.no_grad()
     def predict(self, features, k: int = 5) -> TopK:
@@ -208,19 +168,14 @@ class Classifier:
     def iter_log_proba(self, features) -> Iterator[tuple[int, Tensor]]:
         """``(start, log p)`` for blocks of ``chunk_rows`` rows, each (n, C) on the
         weight's device: for callers that consume log-probabilities as they come.
-        Scores are written class chunk by class chunk into the (n, C) block, and the
-        normaliser is subtracted in place, so no second (n, C) temporary exists."""
+        The kernel copies the scores class chunk by class chunk into the (n, C) block,
+        and the normaliser is subtracted in place, so no second (n, C) temporary exists."""
         x, _ = self._rows(features)
         for start in range(0, x.shape[0], self.chunk_rows):
             block = self._chunk(x, start)
             out = torch.empty((block.shape[0], self.num_classes), dtype=block.dtype, device=block.device)
-            lse = torch.full((block.shape[0],), float("-inf"), dtype=block.dtype, device=block.device)
-            for c0 in range(0, self.num_classes, self.class_chunk):
-                c1 = min(c0 + self.class_chunk, self.num_classes)
-                scores = block @ self.weight[c0:c1].T
-                lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
-                out[:, c0:c1] = scores
-            out -= lse[:, None]
+            scan = scan_classes(block, self.weight, scores_out=out, class_chunk=self.class_chunk)
+            out -= scan.lse[:, None]
             yield start, out
 
     @torch.no_grad()

@@ -359,6 +359,7 @@ def _train(c, data, device, ctx, echo) -> dict:
             run.jsonl.unlink(missing_ok=True)
             run.log.unlink(missing_ok=True)
         run.path.mkdir(parents=True, exist_ok=True)
+        ckpt_io.clean_stale_temp(run.checkpoints)
         handler = _attach_log_file(run.log)
         run.config.write_text(yaml.safe_dump(c, sort_keys=False))
     if ctx is not None:
