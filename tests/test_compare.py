@@ -245,6 +245,7 @@ def test_demo_plan_uses_its_own_cache(tmp_path, monkeypatch):
     (["--seed", "3"], "--seed: set by xcent compare; use --seeds"),
     (["--algorithms", "scent,nope"], "--algorithms nope"),
     (["--lr", "abc"], "lr"),
+    (["--epochs", "abc"], "--epochs abc: expected int"),
     (["--epochs", "3"], "holds a run with other settings (epochs 2 vs 3)"),
 ])
 def test_bad_input_is_one_line_exit_2_and_keeps_outputs(compared, data_dir, extra, needle, capsys):

@@ -35,12 +35,17 @@ __all__ = ["compare_main", "compare_parser", "plan_from_argv", "plot_main", "plo
 
 
 def _one_line(exc: Exception) -> str:
-    """A jsonargparse error as one line that names the flag first."""
+    """A jsonargparse error as one line that names the flag first:
+    ``Parser key "epochs": ... Given value: abc`` -> ``--epochs abc: expected int``."""
     text = " ".join(str(exc).split())
     m = re.match(r'Parser key "([\w.]+)": (.*)', text)
-    if m:
-        return f"--{m.group(1).replace('_', '-')}: {m.group(2)}"
-    return text or "invalid flags"
+    if not m:
+        return text or "invalid flags"
+    flag, detail = "--" + m.group(1).replace("_", "-"), m.group(2)
+    given = re.search(r"Given value: (.*)$", detail)
+    expected = [t for t in re.findall(r"Expected a <class '(\w+)'>", detail) if t != "NoneType"]
+    reason = f"expected {' or '.join(expected)}" if expected else detail
+    return f"{flag} {given.group(1)}: {reason}" if given else f"{flag}: {reason}"
 
 
 def _parse(parser, argv: list[str]):
