@@ -56,8 +56,8 @@ def _spy_train(monkeypatch, fail_algorithm=None):
     calls = []
 
     def spy(c, echo=print):
-        calls.append(dict(c))
-        if c["algorithm"] == fail_algorithm:
+        calls.append(c.to_dict())
+        if c.algorithm == fail_algorithm:
             raise DivergenceError("training diverged at epoch 1, step 3 (test): non-finite loss")
         return REAL_TRAIN(c, echo=lambda *a: None)
 

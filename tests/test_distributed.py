@@ -4,14 +4,16 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import read_jsonl
 
 from xcent import modelio as ckpt_io
+from xcent.config import config_from_argv
 from xcent.data import synthesize
-from xcent.train import TIMING_KEYS, build_parser, resolve_config, train
+from xcent.train import TIMING_KEYS, train
 
 COMMON = ["--epochs", "2", "--batch-size", "48", "--train-eval-size", "200"]
 
@@ -24,16 +26,16 @@ def dist_data(tmp_path_factory):
     return root
 
 
-def torchrun(nproc, args, env_extra=None, timeout=180):
+def torchrun(nproc, args, env_extra=None, timeout=180, program=("-m", "xcent", "train")):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(29500 + os.getpid() % 1000), "-m", "xcent", "train", *args]
+           str(29500 + os.getpid() % 1000), *program, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def single(root, name, *extra):
     argv = ["--data-dir", str(root / "data"), "--out-dir", str(root / "out"), "--name", name, *COMMON, *extra]
-    return train(resolve_config(build_parser().parse_args(argv)), echo=lambda *_: None)
+    return train(config_from_argv(argv), echo=lambda *_: None)
 
 
 def metrics(path):
@@ -114,7 +116,9 @@ def test_dead_rank_fails_the_job_quickly(dist_data):
     args = ["--data-dir", str(dist_data / "data"), "--out-dir", str(dist_data / "out"), "--name", "dies",
             "--epochs", "3", "--batch-size", "48", "--dist-timeout", "30"]
     start = time.monotonic()
-    proc = torchrun(2, args, env_extra={"XCENT_FAIL_AFTER_EPOCH": "1", "XCENT_FAIL_RANK": "1"}, timeout=120)
+    # rank 1 exits abruptly (status 17) after epoch 1: tests/launch_fail_after_epoch.py
+    launcher = str(Path(__file__).with_name("launch_fail_after_epoch.py"))
+    proc = torchrun(2, args, timeout=120, program=(launcher, "1", "1", "--"))
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert elapsed < 60

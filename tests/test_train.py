@@ -13,10 +13,11 @@ from conftest import read_jsonl
 from xcent import cli
 from xcent import train as train_mod
 from xcent.classifier import init_weight
+from xcent.config import config_from_argv
 from xcent.data import load_dataset, synthesize, write_split
 from xcent.evaluate import evaluate
 from xcent.modelio import load as load_ckpt
-from xcent.train import build_parser, lr_at, resolve_config, train
+from xcent.train import lr_at, train
 
 TIMING = set(train_mod.TIMING_KEYS)
 
@@ -26,7 +27,7 @@ def run_args(data, out, name, *extra):
 
 
 def config(data, out, name, *extra):
-    return resolve_config(build_parser().parse_args(run_args(data, out, name, *extra)))
+    return config_from_argv(run_args(data, out, name, *extra))
 
 
 def test_lr_schedule_closed_form():
@@ -216,3 +217,57 @@ def test_low_memory_gather_equals_plain_gather(tiny_data):
     a, la = plain.gather(rows)
     b, lb = low.gather(rows)  # > 256 rows: gathered piecewise with releases in between
     assert torch.equal(a, b) and torch.equal(la, lb) and a.dtype == b.dtype
+
+
+# ----------------------------------------------------------------------------- the typed config
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ([], False), (["--overwrite"], True), (["--overwrite", "true"], True), (["--overwrite", "false"], False),
+    (["--overwrite=true"], True), (["--no-overwrite"], False), (["--overwrite", "--no-overwrite"], False),
+    (["--overwrite", "--epochs", "3"], True),  # a bare flag before another flag
+])
+def test_boolean_flags_work_bare_valued_and_negated(flags, expected):
+    c = config_from_argv(["--data-dir", "d", *flags])
+    assert c.overwrite is expected
+    assert config_from_argv(["--data-dir", "d", "--no-check-features", "--low-memory"]).check_features is False
+    assert config_from_argv(["--data-dir", "d", "--low-memory"]).low_memory is True
+
+
+def test_reference_flag_names_and_defaults_resolve():
+    c = config_from_argv(["--data-dir", "d", "--algorithm", "UMAX", "--umax-delta", "inf", "--softplus-rho", "0.5",
+                          "--data-size", "9", "--num-classes", "7", "--warmup-epochs", "1", "--save-frequency", "2",
+                          "--resume", "latest", "--seed", "3", "--out-dir", "o", "--device", "cpu"])
+    assert c.algorithm == "umax" and math.isinf(c.umax_delta)
+    assert c.softplus_rho is None  # not a hyper-parameter of umax
+    assert config_from_argv(["--data-dir", "d", "--algorithm", "softplus", "--softplus-rho", "0.5"]).softplus_rho == 0.5
+    assert (c.data_size, c.num_classes, c.warmup_epochs, c.save_frequency, c.seed) == (9, 7, 1, 2, 3)
+    assert c.name == "umax" and c.lr == 0.5 and c.gamma == 1.0  # the tuned defaults of umax
+    from xcent.config import config_from_dict
+
+    assert config_from_dict(c.to_dict()) == c
+    dashed = config_from_dict({"data-dir": "d", "algorithm": "umax", "umax-delta": float("inf")})
+    assert dashed.umax_delta == c.umax_delta
+
+
+def test_help_shows_readable_types(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "<function" not in text and "0x" not in text
+    assert "--overwrite" in text and "--no-overwrite" in text and "type: bool" in text
+    assert "type: Optional[Real]" in text and "the seed" not in text
+
+
+@pytest.mark.parametrize("flags,line", [
+    (["--lr", "abc"], "--lr abc: expected a number"),
+    (["--epochs", "2.5"], "--epochs 2.5: expected int"),
+    (["--algorithm", "umax", "--umax-delta", "-1"], "--umax-delta -1: must be >= 0"),
+    (["--gamma", "x"], "--gamma x: expected a number"),
+    (["--train-loss", "both"], "--train-loss both: expected one of subset, running"),
+    (["--overwrite", "maybe"], "--overwrite maybe: expected true or false"),
+])
+def test_parser_errors_are_one_line_naming_the_flag(tmp_path, capsys, flags, line):
+    code = cli.main(["train", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"xcent train: error: {line}")
+    assert not (tmp_path / "o").exists()

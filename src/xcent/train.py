@@ -4,7 +4,7 @@ One epoch: shuffle the training rows (a permutation derived from ``--seed`` and 
 epoch, so a resumed run sees the same order), set the algorithm's dual schedule and
 the epoch's learning rate, and apply :func:`xcent.step.train_step` to each batch
 (the last partial batch included). After the epoch: exact full-softmax metrics on a
-fixed subset of training rows (or the seed's running mean), on val, and on test
+fixed subset of training rows (or the reference implementation's running mean), on val, and on test
 whenever val accuracy improves; one JSONL line; a checkpoint every
 ``--save-frequency`` epochs and at the end.
 """
@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import losses
 from . import modelio as ckpt_io
 from .classifier import full_softmax_stats, init_weight
+from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .device import resolve_device
 from .errors import DivergenceError, UsageError
 from .evaluate import evaluate
 from .fileio import write_text_atomic
-from .losses import ALGORITHMS, build
+from .losses import build
 from .step import train_step
 
 log = logging.getLogger("xcent")
@@ -67,83 +67,11 @@ def train_subset(num_samples: int, size: int, seed: int) -> torch.Tensor | None:
     return torch.randperm(num_samples, generator=gen)[:size].sort().values
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- algorithm
 
 
-def _real(value) -> float:
-    """A float that also accepts 'inf' (jsonargparse's float does not)."""
-    return float(value)
-
-
-def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    p = ArgumentParser(prog="xcent train", description=(
-        "Train a linear classifier over precomputed features with one of the six algorithms "
-        "(scent, sox, asgd, softplus, umax, bsgd). Flags as the seed's train.py."))
-    p.add_argument("--config", "--config-file", action=ActionConfigFile, help="YAML config file")
-    p.add_argument("--algorithm", type=str, default="scent", help=f"one of {', '.join(ALGORITHMS)}")
-    p.add_argument("--data-dir", type=str, required=True, help="DATA_DIR/{train,val,test}/features|labels.{pt,npy}")
-    p.add_argument("--feature-dim", type=int, default=None, help="inferred from the data; checked if given")
-    p.add_argument("--num-classes", type=int, default=None, help="inferred (max label + 1); may be larger")
-    p.add_argument("--batch-size", type=int, default=128, help="rows per step (the global batch under torchrun)")
-    p.add_argument("--data-size", type=int, default=None, help="training rows; inferred, checked if given")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--out-dir", type=str, default="outputs")
-    p.add_argument("--warmup-epochs", type=int, default=0)
-    p.add_argument("--save-frequency", type=int, default=1, help="checkpoint every N epochs (and at the end)")
-    for hp in losses.hyperparameters():  # --lr, --gamma, --softplus-rho, --umax-delta: from the registry
-        p.add_argument(hp.flag, type=_real, default=None, help=hp.help)
-    p.add_argument("--resume", type=str, default=None, help="a checkpoint path, or 'latest'")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--name", type=str, default=None, help="run name (default: the algorithm)")
-    p.add_argument("--train-loss", type=str, default="subset",
-                   help="subset: full CE of the end-of-epoch model on --train-eval-size fixed rows; "
-                        "running: the seed's mean full CE of each batch before its update (C x the step's work)")
-    p.add_argument("--train-eval-size", type=int, default=20000, help="rows for --train-loss subset; 0 = all")
-    p.add_argument("--eval-chunk-rows", type=int, default=4096, help="rows per evaluation chunk")
-    p.add_argument("--check-features", type=bool, default=True, help="scan features for NaN/Inf on load")
-    p.add_argument("--overwrite", type=bool, default=False, help="replace an existing run in OUT")
-    p.add_argument("--low-memory", type=bool, default=False,
-                   help="unmap feature pages after every batch (.npy splits): peak RSS stays near the weight "
-                        "instead of growing to the split's size, at about 0.3 ms per step")
-    p.add_argument("--dist-timeout", type=float, default=300.0,
-                   help="seconds a collective may wait under torchrun before the job fails (a dead peer)")
-    return p
-
-
-def resolve_config(cfg) -> dict:
-    """Validate flags and fill algorithm defaults; returns a plain dict."""
-    c = {k: v for k, v in vars(cfg).items() if k != "config" and not k.startswith("__")}
-    c["algorithm"] = str(c["algorithm"]).lower()
-    if c["algorithm"] not in ALGORITHMS:
-        raise UsageError(f"--algorithm {cfg.algorithm}: unknown; choose one of {', '.join(ALGORITHMS)}")
-    if c["batch_size"] < 2:
-        raise UsageError(f"--batch-size {c['batch_size']}: must be at least 2 (a step needs negatives)")
-    if c["epochs"] < 1:
-        raise UsageError(f"--epochs {c['epochs']}: must be at least 1")
-    if c["save_frequency"] < 1:
-        raise UsageError(f"--save-frequency {c['save_frequency']}: must be at least 1")
-    if not 0 <= c["warmup_epochs"] < c["epochs"]:
-        raise UsageError(f"--warmup-epochs {c['warmup_epochs']}: must be in [0, --epochs)")
-    if c["train_loss"] not in ("subset", "running"):
-        raise UsageError(f"--train-loss {c['train_loss']}: expected subset or running")
-    # the algorithm's hyper-parameters: tuned defaults and ranges from the registry;
-    # the keys it does not use are None in the resolved config
-    keys = [hp.key for hp in losses.hyperparameters()]
-    try:
-        hparams = losses.resolve_hparams(c["algorithm"], {k: c.get(k) for k in keys})
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    c.update({k: hparams.get(k) for k in keys})
-    if c["name"] is None:
-        c["name"] = c["algorithm"]
-    return c
-
-
-def build_loss(c: dict, num_samples: int):
-    return build(c["algorithm"], num_samples, **{hp.key: c.get(hp.key) for hp in losses.hyperparameters()})
+def build_loss(c: TrainConfig, num_samples: int):
+    return build(c.algorithm, num_samples, **c.hparams)
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -199,7 +127,7 @@ class LocalEngine:
         if resume_path is not None:
             self.weight = ckpt_io.load_rows(resume_path, 0, data.num_classes).to(device, torch.float32).contiguous()
         else:
-            self.weight = init_weight(data.num_classes, data.feature_dim, c["seed"], device)
+            self.weight = init_weight(data.num_classes, data.feature_dim, c.seed, device)
 
     def batch(self, index):
         feats, labels = self.data.train.gather(index)
@@ -213,7 +141,7 @@ class LocalEngine:
         return float((lse - target).double().sum())
 
     def evaluate(self, split, rows=None) -> dict:
-        return evaluate(split, self.weight, rows=rows, chunk_rows=self.c["eval_chunk_rows"])
+        return evaluate(split, self.weight, rows=rows, chunk_rows=self.c.eval_chunk_rows)
 
     def save(self, run: RunDir, epoch: int, meta: dict) -> Path:
         path = run.checkpoints / f"epoch_{epoch}.pt"
@@ -234,7 +162,7 @@ class ShardedEngine:
         if resume_path is not None:
             rows = ckpt_io.load_rows(resume_path, self.lo, self.hi)
         else:
-            rows = init_weight(data.num_classes, data.feature_dim, c["seed"], rows=(self.lo, self.hi))
+            rows = init_weight(data.num_classes, data.feature_dim, c.seed, rows=(self.lo, self.hi))
         self.weight = rows.to(self.device, torch.float32).contiguous()
 
     def batch(self, index):
@@ -250,7 +178,7 @@ class ShardedEngine:
 
     def evaluate(self, split, rows=None) -> dict:
         return self.xd.sharded_evaluate(split, self.weight, self.lo, self.ctx, rows=rows,
-                                        chunk_rows=self.c["eval_chunk_rows"])
+                                        chunk_rows=self.c.eval_chunk_rows)
 
     def save(self, run: RunDir, epoch: int, meta: dict) -> Path:
         return ckpt_io.save_sharded(self.ctx, run.checkpoints, epoch, self.weight, self.lo, self.hi, meta)
@@ -303,25 +231,26 @@ TABLE_HEADER = (
 def _save(run: RunDir, engine, loss_fn, epoch, best, c, data) -> Path:
     meta = {
         "format": ckpt_io.FORMAT, "nu": loss_fn.nu.detach().cpu(), "nu_set": loss_fn.nu_set.detach().cpu(),
-        "epoch": epoch, "best": dict(best), "algorithm": c["algorithm"], "num_classes": data.num_classes,
-        "feature_dim": data.feature_dim, "num_samples": data.train.num_samples, "config": dict(c),
+        "epoch": epoch, "best": dict(best), "algorithm": c.algorithm, "num_classes": data.num_classes,
+        "feature_dim": data.feature_dim, "num_samples": data.train.num_samples, "config": c.to_dict(),
         "rng_state": torch.get_rng_state(), "world_size": engine.world_size,
     }
     return engine.save(run, epoch, meta)
 
 
-def train(c: dict, echo=print) -> dict:
-    """Run the training described by the resolved config ``c``; returns the last JSONL
-    record. Raises UsageError on bad input (before touching OUT) and DivergenceError
-    on a non-finite step. Under torchrun (WORLD_SIZE > 1) the classes are sharded
+def train(c: TrainConfig, echo=print) -> dict:
+    """Run the training described by the resolved config ``c`` (see
+    :func:`xcent.config.config_from_argv`); returns the last JSONL record. Raises
+    UsageError on bad input (before touching OUT) and DivergenceError on a
+    non-finite step. Under torchrun (WORLD_SIZE > 1) the classes are sharded
     over the processes (:mod:`xcent.distributed`); only rank 0 writes logs."""
     from . import distributed as xd
 
-    data = load_dataset(c["data_dir"], num_classes=c["num_classes"], feature_dim=c["feature_dim"],
-                        data_size=c["data_size"], check_features=c["check_features"],
-                        low_memory=c["low_memory"])
-    device = resolve_device(c["device"])
-    ctx = xd.init_from_env(device, c["dist_timeout"]) if xd.world_size_from_env() > 1 else None
+    data = load_dataset(c.data_dir, num_classes=c.num_classes, feature_dim=c.feature_dim,
+                        data_size=c.data_size, check_features=c.check_features,
+                        low_memory=c.low_memory)
+    device = resolve_device(c.device)
+    ctx = xd.init_from_env(device, c.dist_timeout) if xd.world_size_from_env() > 1 else None
     try:
         return _train(c, data, device, ctx, echo)
     finally:
@@ -333,35 +262,35 @@ def _train(c, data, device, ctx, echo) -> dict:
     is_main = ctx is None or ctx.is_main
     if not is_main:
         echo = lambda *_: None  # noqa: E731  rank-0 discipline
-    run = RunDir(c["out_dir"], c["name"])
+    run = RunDir(c.out_dir, c.name)
     resume_ckpt, resume_path = None, None
-    if c["resume"]:
-        resume_path = ckpt_io.latest(run.checkpoints) if c["resume"] == "latest" else Path(c["resume"])
+    if c.resume:
+        resume_path = ckpt_io.latest(run.checkpoints) if c.resume == "latest" else Path(c.resume)
         if resume_path is None:
             raise UsageError(f"--resume latest: no checkpoint in {run.checkpoints}")
         resume_ckpt = ckpt_io.load(resume_path, mmap=True, weight=False)  # the engine reads its rows
-        ckpt_io.check_compatible(resume_ckpt, resume_path, c["algorithm"], data.num_classes, data.feature_dim,
+        ckpt_io.check_compatible(resume_ckpt, resume_path, c.algorithm, data.num_classes, data.feature_dim,
                                  data.train.num_samples)
-        if resume_ckpt["epoch"] >= c["epochs"]:
+        if resume_ckpt["epoch"] >= c.epochs:
             raise UsageError(f"--resume {resume_path}: already at epoch {resume_ckpt['epoch']} "
-                             f"of --epochs {c['epochs']}")
-        c["resume"] = str(resume_path)
-    elif run.holds_run() and not c["overwrite"]:
+                             f"of --epochs {c.epochs}")
+        c = c.replace(resume=str(resume_path))
+    elif run.holds_run() and not c.overwrite:
         raise UsageError(f"{run.path} already holds a run; pass --resume latest to continue it "
                          f"or --overwrite to replace it")
     if ctx is not None:
         ctx.barrier()  # every rank has checked OUT before rank 0 changes it
-    c = dict(c, num_classes=data.num_classes, feature_dim=data.feature_dim, data_size=data.train.num_samples)
+    c = c.replace(num_classes=data.num_classes, feature_dim=data.feature_dim, data_size=data.train.num_samples)
     handler = None
     if is_main:
-        if not c["resume"] and run.holds_run():  # --overwrite
+        if not c.resume and run.holds_run():  # --overwrite
             shutil.rmtree(run.checkpoints, ignore_errors=True)
             run.jsonl.unlink(missing_ok=True)
             run.log.unlink(missing_ok=True)
         run.path.mkdir(parents=True, exist_ok=True)
         ckpt_io.clean_stale_temp(run.checkpoints)
         handler = _attach_log_file(run.log)
-        run.config.write_text(yaml.safe_dump(c, sort_keys=False))
+        run.config.write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
     if ctx is not None:
         ctx.barrier()
     try:
@@ -375,7 +304,7 @@ def _train(c, data, device, ctx, echo) -> dict:
 
 
 def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dict:
-    num_samples, batch_size, epochs = data.train.num_samples, c["batch_size"], c["epochs"]
+    num_samples, batch_size, epochs = data.train.num_samples, c.batch_size, c.epochs
     is_main = engine.is_main
     loss_fn = build_loss(c, num_samples)
     if resume_ckpt is not None:
@@ -385,15 +314,15 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
         records = [r for r in run.read_jsonl() if r["epoch"] <= resume_ckpt["epoch"]]
         if is_main:
             run.write_jsonl(records)
-            log.info("resumed from %s at epoch %d", c["resume"], resume_ckpt["epoch"])
+            log.info("resumed from %s at epoch %d", c.resume, resume_ckpt["epoch"])
     else:
         start_epoch, best, records = 1, {}, []
     loss_fn.to(engine.device)
-    subset = train_subset(num_samples, c["train_eval_size"], c["seed"])
+    subset = train_subset(num_samples, c.train_eval_size, c.seed)
     if is_main:
         log.info("run %s: %s, %d classes, %d x %d training rows, device %s, %d process(es)", run.name,
-                 c["algorithm"], data.num_classes, num_samples, data.feature_dim, engine.device, engine.world_size)
-    echo(f"xcent train: {c['algorithm']} on {c['data_dir']} ({data.num_classes} classes, "
+                 c.algorithm, data.num_classes, num_samples, data.feature_dim, engine.device, engine.world_size)
+    echo(f"xcent train: {c.algorithm} on {c.data_dir} ({data.num_classes} classes, "
          f"{num_samples} rows, dim {data.feature_dim}, {engine.world_size} process(es)) -> {run.path}")
     echo(TABLE_HEADER)
     for r in records:
@@ -418,8 +347,8 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
     steps_per_epoch = math.ceil(num_samples / batch_size)
     for epoch in range(start_epoch, epochs + 1):
         loss_fn.set_epoch(epoch, epochs)
-        lr = lr_at(epoch, epochs, c["lr"], c["warmup_epochs"])
-        order = epoch_permutation(num_samples, c["seed"], epoch)
+        lr = lr_at(epoch, epochs, c.lr, c.warmup_epochs)
+        order = epoch_permutation(num_samples, c.seed, epoch)
         skipped, running_sum, steps = 0, 0.0, 0
         # summed on the device (float64, as a Python float would): no sync per step
         surrogate_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -429,7 +358,7 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
         for step in range(steps_per_epoch):
             index = order[step * batch_size:(step + 1) * batch_size].sort().values
             feats, labels = engine.batch(index)
-            if c["train_loss"] == "running":
+            if c.train_loss == "running":
                 running_sum += engine.batch_full_ce_sum(feats, labels)
             result = engine.step(loss_fn, feats, labels, index, lr)
             if result.skipped:
@@ -438,7 +367,7 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
                 bar.close()
                 last = ckpt_io.latest(run.checkpoints)
                 raise DivergenceError(
-                    f"training diverged at epoch {epoch}, step {step + 1} ({c['algorithm']}, lr {lr:.4g}): "
+                    f"training diverged at epoch {epoch}, step {step + 1} ({c.algorithm}, lr {lr:.4g}): "
                     f"non-finite loss or weights; lower --lr. Last good checkpoint: {last or 'none'}")
             else:
                 surrogate_sum += result.loss.double()
@@ -446,7 +375,7 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
             bar.update(1)
         bar.close()
         train_seconds = time.perf_counter() - start
-        running = running_sum / num_samples if c["train_loss"] == "running" else None
+        running = running_sum / num_samples if c.train_loss == "running" else None
         metrics, eval_s = _epoch_metrics(data, engine, subset, running)
         metrics["epoch"] = epoch
         eval_s += _update_best(best, metrics, data, engine)
@@ -456,50 +385,7 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
                       "epoch_seconds": train_seconds,
                       "samples_per_second": num_samples / max(train_seconds, 1e-9),
                       "skipped_steps": skipped, "eval_seconds": eval_s})
-        if epoch % c["save_frequency"] == 0 or epoch == epochs:
+        if epoch % c.save_frequency == 0 or epoch == epochs:
             _save(run, engine, loss_fn, epoch, best, c, data)
-        _maybe_fail_for_test(epoch)
     echo(f"outputs: {run.path} (eval_{run.name}.jsonl, checkpoints/, config.yaml, out.log)")
     return records[-1]
-
-
-def _maybe_fail_for_test(epoch: int) -> None:
-    """Fault injection for the tests of crash handling: XCENT_FAIL_AFTER_EPOCH=K
-    (optionally XCENT_FAIL_RANK=R) makes that process exit abruptly after epoch K."""
-    spec = os.environ.get("XCENT_FAIL_AFTER_EPOCH")
-    if spec and int(spec) == epoch and os.environ.get("XCENT_FAIL_RANK", os.environ.get("RANK", "0")) == \
-            os.environ.get("RANK", "0"):
-        os._exit(17)
-
-
-def main(argv: list[str]) -> int:
-    cfg = build_parser().parse_args(argv)
-    train(resolve_config(cfg))
-    return 0
-
-
-# ----------------------------------------------------------------------------- demo
-
-DEMO_DATA = {"num_classes": 2000, "feature_dim": 64, "num_samples": 100_000, "val_fraction": 0.05,
-             "test_fraction": 0.05, "seed": 0, "noise": 0.6}
-
-
-def demo_main(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
-    from .data import cached_synthetic
-
-    p = ArgumentParser(prog="xcent demo", description="Train SCENT on a cached built-in synthetic dataset.")
-    p.add_argument("--data-dir", type=str, default=None, help="default: ~/.cache/xcent/demo-v1")
-    p.add_argument("--out-dir", type=str, default="outputs")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--algorithm", type=str, default="scent")
-    a = p.parse_args(argv)
-    data_dir = cached_synthetic(a.data_dir, "demo-v1", DEMO_DATA, announce="xcent demo")
-    argv_train = ["--data-dir", str(data_dir), "--out-dir", a.out_dir, "--name", f"demo_{a.algorithm}",
-                  "--algorithm", a.algorithm, "--epochs", str(a.epochs), "--overwrite", "true"]
-    c = resolve_config(build_parser().parse_args(argv_train))
-    last = train(c)
-    print(f"xcent demo: val loss {last['val_loss']:.3f} (log C = {math.log(DEMO_DATA['num_classes']):.3f}), "
-          f"val top-1 {last['val_acc']:.3f}")
-    return 0

@@ -17,11 +17,11 @@ from ..errors import XcentError
 
 #: subcommand name -> (module:function, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("xcent.train:main", "train a linear classifier with one of the six algorithms"),
+    "train": ("xcent.cli.train:main", "train a linear classifier with one of the six algorithms"),
     "eval": ("xcent.cli.evaluate:main", "full-softmax CE and top-1/top-5 of a checkpoint on a split"),
     "synth": ("xcent.cli.data:synth_main", "write a synthetic long-tailed dataset in the layout xcent train reads"),
     "inspect": ("xcent.cli.data:inspect_main", "report a dataset's shape and the settings it suggests"),
-    "demo": ("xcent.train:demo_main", "train SCENT on a cached built-in synthetic dataset"),
+    "demo": ("xcent.cli.train:demo_main", "train SCENT on a cached built-in synthetic dataset"),
     "extract": ("xcent.cli.extract:extract_main", "extract features from webdataset image shards"),
     "split": ("xcent.cli.extract:split_main", "split extracted features into train/val/test"),
     "compare": ("xcent.cli.compare:compare_main", "run several algorithms/seeds and compare them"),

@@ -21,7 +21,7 @@ from .. import losses
 from ..errors import UsageError
 
 __all__ = ["DEMO_CACHE", "DEMO_DATA", "DEMO_EPOCHS", "MANAGED", "CompareSettings", "Plan", "RunSpec",
-           "load_config_file", "make_plan", "resolve_train", "train_keys"]
+           "load_config_file", "make_plan", "resolve_train", "train_config", "train_keys"]
 
 #: Train settings that compare sets itself for each run (key -> the compare flag to use).
 MANAGED = {"name": "--algorithms/--grid", "seed": "--seeds", "algorithm": "--algorithms", "resume": "(automatic)",
@@ -82,32 +82,30 @@ class Plan:
 # ----------------------------------------------------------------------------- the trainer's settings
 
 
-def _train_parser():
-    from ..train import build_parser
-
-    p = build_parser()
-    p.exit_on_error = False
-    return p
-
-
 def train_keys() -> set[str]:
-    """The settings ``xcent train`` accepts (flag ``--a-b`` is key ``a_b``)."""
-    return {s[2:].replace("-", "_") for s in _train_parser()._option_string_actions if s.startswith("--")}
+    """The settings ``xcent train`` accepts (flag ``--a-b`` is key ``a_b``; ``no_x``
+    for the negation of a boolean ``--x``)."""
+    from ..config import train_parser
+
+    return {s[2:].replace("-", "_") for s in train_parser()._option_string_actions if s.startswith("--")}
+
+
+def train_config(argv: list[str], what: str):
+    """``xcent train`` flags -> the trainer's resolved :class:`xcent.config.TrainConfig`;
+    a UsageError naming ``what`` otherwise."""
+    from ..config import config_from_argv
+
+    try:
+        return config_from_argv(argv)
+    except UsageError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+    except SystemExit:
+        raise UsageError(f"{what}: invalid flags") from None
 
 
 def resolve_train(argv: list[str], what: str) -> dict:
-    """``xcent train`` flags -> the trainer's resolved config; a UsageError naming
-    ``what`` otherwise."""
-    import argparse
-
-    from ..train import resolve_config
-
-    try:
-        cfg = _train_parser().parse_args(argv)
-    except (argparse.ArgumentError, SystemExit) as exc:
-        msg = " ".join(str(exc).split()) if isinstance(exc, argparse.ArgumentError) else "invalid flags"
-        raise UsageError(f"{what}: {msg}") from None
-    return resolve_config(cfg)
+    """:func:`train_config` as a plain dict (the keys of ``OUT/config.yaml``)."""
+    return train_config(argv, what).to_dict()
 
 
 def _flag_value(value) -> str:

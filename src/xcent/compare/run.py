@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import losses
 from ..errors import UsageError
 from ..fileio import write_text_atomic
-from .plan import Plan, RunSpec, resolve_train
+from .plan import Plan, RunSpec, train_config
 from .report import FAILED_FILE, read_records
 
 __all__ = ["execute", "run_state"]
@@ -100,7 +100,7 @@ def execute(plan: Plan, echo=print) -> dict[str, str]:
         argv_run = spec.argv + (["--resume", "latest"] if resume else ["--overwrite", "true"])
         echo(f"[{i}/{len(plan.runs)}] {spec.name}: {'resuming' if resume else 'training'}")
         try:
-            train_mod.train(resolve_train(argv_run, f"train flags of run {spec.name}"), echo=echo)
+            train_mod.train(train_config(argv_run, f"train flags of run {spec.name}"), echo=echo)
             states[spec.name] = "done"
         except Exception as exc:  # a failed run is recorded; the others go on
             message = " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,304 @@
+"""The typed configuration of a training run (:class:`TrainConfig`) and its parser.
+
+One dataclass is the single description of every ``xcent train`` setting: its type,
+default and help text. The command-line parser, ``--config`` files, the saved
+``OUT/config.yaml`` and ``xcent compare`` all derive from it:
+
+* :func:`train_parser` turns the fields into a jsonargparse parser (typed values,
+  readable ``--help``, ``--config``/``--config-file`` YAML files);
+* :func:`config_from_argv` / :func:`config_from_dict` parse and validate flags or a
+  mapping into a *resolved* :class:`TrainConfig` (algorithm defaults filled in);
+* :meth:`TrainConfig.to_dict` is what ``OUT/config.yaml`` holds, itself a valid
+  ``--config``.
+
+Why the fields are registered one by one instead of with jsonargparse's
+``add_class_arguments``: that names each flag after its field (``--data_dir``), and
+the flags of xcent and of the reference implementation (Optimization-AI/SCENT, `xc/`)
+are dashed (``--data-dir``). Each field is added under its dashed name with its type
+hint, so jsonargparse still does the typing, validation and help. Booleans use
+jsonargparse's ``ActionYesNo``: ``--overwrite``, ``--overwrite true|false`` and
+``--no-overwrite`` all work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from . import losses
+from .errors import UsageError
+
+__all__ = [
+    "LOGGERS",
+    "TrainConfig",
+    "config_from_argv",
+    "config_from_dict",
+    "parse_config",
+    "parse_error_line",
+    "resolve",
+    "train_keys",
+    "train_parser",
+]
+
+#: Metric loggers ``--logger`` accepts (JSONL is always written: resume and compare read it).
+LOGGERS = ("jsonl", "tensorboard")
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of one ``xcent train`` run (flag ``--foo-bar`` is field ``foo_bar``).
+
+    The algorithms' hyper-parameters (``lr``, ``gamma``, ``softplus_rho``,
+    ``umax_delta``, and those of any algorithm registered later) are not fields: they
+    come from the registry (:func:`xcent.losses.hyperparameters`) and live in
+    ``hparams`` (config key -> value; None: the algorithm's tuned value before
+    :func:`resolve`, not used by the algorithm after it). They read as attributes
+    (``config.lr``) and are top-level keys of :meth:`to_dict` and of config files."""
+
+    data_dir: str = _help("DATA_DIR/{train,val,test}/features|labels.{pt,npy}")
+    algorithm: str = _help("one of the registered algorithms (see --lr, --gamma, ... for each one's "
+                           "hyper-parameters)", default="scent")
+    feature_dim: int | None = _help("inferred from the data; checked if given", default=None)
+    num_classes: int | None = _help("inferred (max label + 1); may be larger", default=None)
+    batch_size: int = _help("rows per step (the global batch under torchrun)", default=128)
+    data_size: int | None = _help("training rows; inferred, checked if given", default=None)
+    epochs: int = _help("passes over the training rows", default=50)
+    device: str = _help("cpu, cuda, cuda:N or auto", default="auto")
+    out_dir: str = _help("the run goes to OUT_DIR/NAME", default="outputs")
+    warmup_epochs: int = _help("epochs of linear learning-rate warmup before the cosine", default=0)
+    save_frequency: int = _help("checkpoint every N epochs (and at the end)", default=1)
+    hparams: dict = field(default_factory=dict, metadata={"hparams": True})
+    resume: str | None = _help("a checkpoint path, or 'latest'", default=None)
+    seed: int = _help("weight initialisation and the shuffling of every epoch", default=42)
+    name: str | None = _help("run name (default: the algorithm)", default=None)
+    train_loss: Literal["subset", "running"] = _help(
+        "subset: full CE of the end-of-epoch model on --train-eval-size fixed rows; running: the mean full CE "
+        "of each batch before its update, as the reference implementation logs it (C x the step's work)",
+        default="subset")
+    train_eval_size: int = _help("rows for --train-loss subset; 0 = all", default=20000)
+    eval_chunk_rows: int = _help("rows per evaluation chunk", default=4096)
+    check_features: bool = _help("scan features for NaN/Inf on load", default=True)
+    overwrite: bool = _help("replace an existing run in OUT", default=False)
+    low_memory: bool = _help("unmap feature pages after every batch (.npy splits): peak RSS stays near the "
+                             "weight instead of growing to the split's size, at about 0.3 ms per step",
+                             default=False)
+    dist_timeout: float = _help("seconds a collective may wait under torchrun before the job fails (a dead peer)",
+                                default=300.0)
+
+    def __getattr__(self, name: str):
+        # only reached for names that are not fields: the registry's hyper-parameters
+        hparams = self.__dict__.get("hparams")
+        if hparams is not None and name in hparams:
+            return hparams[name]
+        raise AttributeError(f"TrainConfig has no setting {name!r}")
+
+    def to_dict(self) -> dict:
+        """Plain values, flat (hyper-parameters where ``hparams`` stands): what
+        ``OUT/config.yaml`` holds, itself a valid ``--config``."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "hparams":
+                out.update(self.hparams)
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with ``changes`` (fields or hyper-parameter keys)."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        hp = {k: changes.pop(k) for k in list(changes) if k not in fields}
+        unknown = set(hp) - set(_hparam_keys())
+        if unknown:
+            raise TypeError(f"unknown setting(s) {sorted(unknown)}")
+        if hp:
+            changes["hparams"] = {**changes.get("hparams", self.hparams), **hp}
+        return dataclasses.replace(self, **changes)
+
+
+def _hparam_keys() -> list[str]:
+    return [hp.key for hp in losses.hyperparameters()]
+
+
+def train_keys() -> tuple[str, ...]:
+    """Every setting's key, as in config files and :meth:`TrainConfig.to_dict` (flag
+    ``--a-b`` is key ``a_b``): the fields and the registry's hyper-parameters."""
+    keys = []
+    for f in dataclasses.fields(TrainConfig):
+        keys.extend(_hparam_keys() if f.name == "hparams" else [f.name])
+    return tuple(keys)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+class Real(float):
+    """A hyper-parameter value: any float, ``inf`` and ``nan`` included (jsonargparse's
+    float type reads ``inf`` as YAML, a string, and refuses it); the valid ranges are
+    the registry's (:func:`xcent.losses.resolve_hparams`), which name the flag."""
+
+
+def _real_type() -> type:
+    from jsonargparse.typing import get_registered_type, register_type
+
+    if get_registered_type(Real) is None:
+        register_type(Real, serializer=float, deserializer=lambda v: Real(float(v)))
+    return Real
+
+
+def train_parser(prog: str = "xcent train", description: str | None = None, defaults: dict | None = None):
+    """The jsonargparse parser of :class:`TrainConfig` (errors raise, never exit);
+    ``defaults`` replaces field defaults (a field given one is no longer required)."""
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    defaults = defaults or {}
+    p = ArgumentParser(prog=prog, exit_on_error=False, description=description or (
+        "Train a linear classifier over precomputed features with one of the algorithms "
+        f"({', '.join(losses.REGISTRY)}). The flags are those of the reference implementation's train.py "
+        "(Optimization-AI/SCENT, `xc/`) plus xcent's own; a saved OUT/config.yaml is itself a valid --config."))
+    p.add_argument("--config", "--config-file", action=ActionConfigFile, help="YAML config file (keys as the "
+                   "flags, with underscores: data_dir, batch_size, ...)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "hparams":  # --lr, --gamma, --softplus-rho, --umax-delta, ...: from the registry
+            real = Optional[_real_type()]  # noqa: UP045  (a runtime type value, shown in --help)
+            for hp in losses.hyperparameters():
+                p.add_argument(hp.flag, type=real, default=defaults.get(hp.key), help=hp.help)
+            continue
+        flag, hint, text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata["help"]
+        default = defaults.get(f.name, f.default)
+        required = default is dataclasses.MISSING
+        default = None if required else default
+        if hint is bool:
+            p.add_argument(flag, action=ActionYesNo(no_prefix="no-"), nargs="?", default=default, help=text)
+        else:
+            p.add_argument(flag, type=hint, default=default, required=required, help=text)
+    return p
+
+
+_KEY = re.compile(r'Parser key "([A-Za-z0-9_.]+)"')
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def parse_error_line(message: str) -> str:
+    """One line from a (multi-line) jsonargparse/argparse error, naming the flag first:
+    ``Parser key "lr": ... Given value: x`` -> ``--lr x: expected float``."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    if not lines:
+        return "invalid flags"
+    first = lines[0]
+    m = re.match(r"the following arguments are required: (.*)", first)
+    if m:
+        return ", ".join(_flag(k.strip()) for k in m.group(1).split(",")) + ": required"
+    m = re.match(r"argument (--[\w-]+)\S*: invalid _boolean_type value: '(.*)'", first)
+    if m:
+        return f"{m.group(1)} {m.group(2)}: expected true or false (or the bare flag)"
+    m = _KEY.search(first)
+    if not m:
+        return " ".join(lines)
+    flag = _flag(m.group(1))
+    given = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Given value:")), None)
+    noise = ("Given value", "Subtypes", "Errors", "Does not validate", "- Expected a <class 'NoneType'>")
+    reasons = [ln.lstrip("- ") for ln in lines[1:] if not ln.startswith(noise)]
+    reason = reasons[0] if reasons else "invalid value"
+    got = re.search(r"\.? Got value: (.*)$", reason)
+    if got:
+        given, reason = got.group(1), reason[:got.start()]
+    bound = re.search(r"(\S+) does not conform to restriction v(\S+)", reason)
+    if bound:
+        given, reason = bound.group(1), "must be " + re.sub(r"^([<>=!]+)", r"\1 ", bound.group(2))
+    literal = re.search(r"Literal\[(.*)\]", reason)
+    if literal:
+        reason = "expected one of " + literal.group(1).replace("'", "")
+    if "could not convert string to float" in reason:
+        reason = "expected a number"
+    reason = re.sub(r"<class '(\w+)'>", r"\1", reason).replace("Expected a ", "expected ")
+    return f"{flag} {given}: {reason}" if given is not None else f"{flag}: {reason}"
+
+
+def _parse(parser, argv: list[str]):
+    from jsonargparse import ArgumentError
+
+    try:
+        return parser.parse_args(list(map(str, argv)))
+    except ArgumentError as exc:
+        raise UsageError(parse_error_line(str(exc))) from None
+
+
+def _plain(value):
+    # jsonargparse's restricted types are float subclasses; config.yaml wants plain floats
+    return float(value) if isinstance(value, float) else value
+
+
+def _from_namespace(ns) -> TrainConfig:
+    values = ns.as_dict()
+    hparams = {k: _plain(values.get(k)) for k in _hparam_keys()}
+    fields = {f.name: _plain(values[f.name]) for f in dataclasses.fields(TrainConfig) if f.name != "hparams"}
+    return TrainConfig(**fields, hparams=hparams)
+
+
+def parse_config(argv: list[str], parser=None) -> TrainConfig:
+    """``xcent train`` flags (``--config`` files included) -> a config as given (not
+    resolved). Raises UsageError (one line naming the flag) on bad input."""
+    return _from_namespace(_parse(parser or train_parser(), argv))
+
+
+def config_from_argv(argv: list[str], parser=None) -> TrainConfig:
+    """``xcent train`` flags (``--config`` files included) -> a resolved config.
+    Raises UsageError (one line naming the flag) on bad input."""
+    return resolve(parse_config(argv, parser))
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A mapping of settings (keys as fields, or as flags with dashes; e.g. a loaded
+    ``config.yaml``) -> a resolved config, typed and validated as the flags are."""
+    from jsonargparse import ArgumentError
+
+    keys = set(train_keys())
+    cleaned = {}
+    for key, value in values.items():
+        k = str(key).lstrip("-").replace("-", "_")
+        if k not in keys:
+            raise UsageError(f"--{k.replace('_', '-')}: not an xcent train setting")
+        cleaned[k] = value
+    try:
+        ns = train_parser().parse_object(cleaned)
+    except ArgumentError as exc:
+        raise UsageError(parse_error_line(str(exc))) from None
+    return resolve(_from_namespace(ns))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Validate ``config`` and fill in the algorithm's tuned hyper-parameters (ranges and
+    defaults from the registry; the keys it does not use become None) and the run
+    name; returns a new config. Raises UsageError naming the flag."""
+    c = config
+    algorithm = str(c.algorithm).lower()
+    if algorithm not in losses.REGISTRY:
+        raise UsageError(f"--algorithm {c.algorithm}: unknown; choose one of {', '.join(losses.REGISTRY)}")
+    if c.batch_size < 2:
+        raise UsageError(f"--batch-size {c.batch_size}: must be at least 2 (a step needs negatives)")
+    if c.epochs < 1:
+        raise UsageError(f"--epochs {c.epochs}: must be at least 1")
+    if c.save_frequency < 1:
+        raise UsageError(f"--save-frequency {c.save_frequency}: must be at least 1")
+    if not 0 <= c.warmup_epochs < c.epochs:
+        raise UsageError(f"--warmup-epochs {c.warmup_epochs}: must be in [0, --epochs)")
+    keys = _hparam_keys()
+    try:
+        own = losses.resolve_hparams(algorithm, {k: c.hparams.get(k) for k in keys})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return c.replace(algorithm=algorithm, hparams={k: own.get(k) for k in keys},
+                     name=c.name if c.name is not None else algorithm)
