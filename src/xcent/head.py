@@ -297,7 +297,8 @@ class SparseSoftmaxHead(nn.Module):
         num_local = embeddings.shape[0]
         x = embeddings.to(device=self.weight.device, dtype=self.weight.dtype)
         x, labels, index, offset, _ = self._gather(x, labels.to(x.device), index.to(x.device))
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):  # a shard would silently skip them
+        # one process: index_select rejects a label out of range; a shard would skip it
+        if self.process_group is not None and bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ValueError(f"labels must be class ids in [0, {self.num_classes})")
         batch = sharded_in_batch(x, labels, self.weight, self.lo, self.process_group,
                                  read_rows=self.optimizer.current)
