@@ -191,8 +191,8 @@ class SparseSoftmaxHead(nn.Module):
         return {"epoch": self.epoch, "skipped_steps": self.skipped_steps}
 
     def set_extra_state(self, state: Any) -> None:
-        self.flush()
-        self.optimizer.lr = None
+        # the loaded rows were saved current (saving flushes): no catch-up is owed
+        self.optimizer.mark_current()
         self.epoch, self.skipped_steps = state["epoch"], int(state["skipped_steps"])
         if self.epoch is not None:
             self.loss_fn.set_epoch(self.epoch, self.epochs)

@@ -251,6 +251,14 @@ class LazySGD:
         self.last.index_fill_(0, rows, self.steps)
         return new_rows
 
+    def mark_current(self) -> None:
+        """Declare every row up to date without touching it (after loading rows that
+        were saved flushed); the next step starts a fresh lr."""
+        if self.last is not None:
+            self.last.zero_()
+        self.steps, self.lr = 0, None
+        self._powers = self._powers[:1]
+
     @torch.no_grad()
     def flush(self, weight: Tensor) -> None:
         """Bring every row up to date (one pass over the C rows in blocks); then all
