@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import UsageError
-from .fileio import atomic_path
+from .fileio import atomic_path, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 _CHECK_CHUNK_ROWS = 1 << 16
@@ -191,6 +191,9 @@ def check_feature_array(features, where: str) -> None:
     (the file, or the flag and the file)."""
     if features.ndim != 2:
         raise UsageError(f"{where}: features must be (N, D), found shape {tuple(features.shape)}")
+    if features.shape[1] == 0:
+        raise UsageError(f"{where}: features have no columns (shape {tuple(features.shape)}); "
+                         f"a feature dimension of at least 1 is needed")
     ok_dtype = (features.dtype in _FLOAT_DTYPES_T if isinstance(features, torch.Tensor)
                 else features.dtype.type in _FLOAT_DTYPES_NP)
     if not ok_dtype:
@@ -267,11 +270,23 @@ def load_dataset(data_dir, splits=SPLITS, num_classes: int | None = None, featur
         raise UsageError(f"{bad.feature_files[1]}: label {needed - 1} is out of range for --num-classes {num_classes}")
     if data_size is not None and data_size != loaded["train"].num_samples:
         raise UsageError(f"--data-size {data_size} does not match the train split ({loaded['train'].num_samples} rows)")
-    names = None
     classes_file = data_dir / "classes.txt"
-    if classes_file.exists():
-        names = classes_file.read_text().splitlines()
+    names = read_class_names(classes_file) if os.path.lexists(classes_file) else None
     return Dataset(loaded, int(num_classes), dim, names)
+
+
+def read_class_names(path) -> list[str]:
+    """The lines of a ``classes.txt`` (line i names label i): a regular UTF-8 text
+    file, or a one-line UsageError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: not a regular file (expected one class name per line)")
+    try:
+        return path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); expected one class name per line") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot be read ({exc.strerror})") from None
 
 
 # ------------------------------------------------------------------------- writing
@@ -350,26 +365,38 @@ def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samp
     for name, (a, b) in bounds.items():
         if b > a:
             write_split(out_dir / name, features[a:b].astype(np_dtype), labels[a:b].astype(np.int64), fmt)
-    (out_dir / "classes.txt").write_text("".join(f"class_{c}\n" for c in range(num_classes)))
+    write_text_atomic(out_dir / "classes.txt", "".join(f"class_{c}\n" for c in range(num_classes)))
     return {"num_classes": num_classes, "feature_dim": feature_dim, "num_samples": num_samples,
             "train": num_train, "val": num_val, "test": num_test,
             "largest_class": int(counts.max()), "classes_with_one_row": int((counts == 1).sum())}
 
 
+def synthesize_atomic(path, *args, **params) -> dict:
+    """:func:`synthesize` into ``.NAME.partial`` beside ``path``, then renamed to
+    ``path`` (absent or an empty directory): an interrupted or failed write (a full
+    disk) leaves no half dataset, and the same command redoes it from scratch."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        info = synthesize(tmp, *args, **params)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
 def cached_synthetic(data_dir, cache_name: str, params: dict, announce: str = "xcent") -> Path:
     """A built-in synthetic dataset: ``data_dir`` if given, else
     ``$XDG_CACHE_HOME/xcent/<cache_name>`` (``~/.cache``), written with
-    :func:`synthesize` (``params``) on first use. It is written beside its final
-    place and renamed, so an interrupted write is redone next time, never reused."""
-    import shutil
-
+    :func:`synthesize_atomic` (``params``) on first use, so an interrupted write is
+    redone next time, never reused."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     path = Path(data_dir) if data_dir else cache / "xcent" / cache_name
     if not (path / "val").is_dir():
         print(f"{announce}: writing the synthetic dataset to {path}", flush=True)
-        tmp = path.with_name(path.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        synthesize(tmp, **params)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, path)
+        synthesize_atomic(path, **params)
     return path

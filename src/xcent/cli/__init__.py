@@ -5,15 +5,30 @@ Each subcommand is a function ``main(argv) -> int`` in a module of this package
 imported lazily so that ``xcent train`` does not pay for (or require) the
 feature-extraction extras. Library modules hold no command-line code.
 `XcentError`s become a one-line ``xcent <cmd>: error: ...`` on stderr and their
-exit status (2 for bad input, 3 for divergence).
+exit status (2 for bad input, 3 for divergence). Three more failures get the same
+one line here, in one place rather than a try/except in every command:
+
+* a parser error (a flag of the wrong type, a missing required flag): the reason
+  first, on one line, then where to find the flags (argparse and jsonargparse print
+  ~16 lines of usage first and have no setting to change that);
+* a ``--config`` file that is a directory or not UTF-8 text (jsonargparse raises a
+  bare ``UnicodeDecodeError`` for a binary file): checked before parsing;
+* an output that cannot be written (a full disk, a read-only or forbidden
+  directory: ``OSError`` ENOSPC/EDQUOT/EROFS/EACCES/EPERM/EFBIG, see
+  :mod:`xcent.fileio`): ``no space left on device while writing PATH``, exit 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import re
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
-from ..errors import XcentError
+from ..errors import UsageError, XcentError
+from ..fileio import describe_output_error
 
 #: subcommand name -> (module:function, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -38,6 +53,61 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class _ParserError(Exception):
+    """A command-line parser's error, carried to :func:`main` instead of exiting."""
+
+
+@contextmanager
+def _one_line_parser_errors():
+    """While a command runs, its parsers' errors raise `_ParserError` (so that
+    :func:`main` prints the reason first) instead of printing usage and exiting.
+    Parsers built with ``exit_on_error=False`` (``xcent compare`` parses train flags
+    that way) keep raising their own ``ArgumentError``."""
+    import jsonargparse
+
+    originals = {cls: cls.__dict__["error"] for cls in (argparse.ArgumentParser, jsonargparse.ArgumentParser)}
+
+    def error(self, message, *args, **kwargs):
+        if not getattr(self, "exit_on_error", True):
+            return originals[jsonargparse.ArgumentParser if isinstance(self, jsonargparse.ArgumentParser)
+                             else argparse.ArgumentParser](self, message, *args, **kwargs)
+        # jsonargparse names a flag 'Parser key "train_eval_size"': say --train-eval-size
+        message = re.sub(r'Parser key "([A-Za-z0-9_]+)":?',
+                         lambda m: "--" + m.group(1).replace("_", "-") + ":", str(message))
+        raise _ParserError(" ".join(message.split()))
+
+    for cls in originals:
+        cls.error = error
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.error = original
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """``--config FILE`` must be a readable UTF-8 text file (jsonargparse would raise a
+    bare UnicodeDecodeError on a binary one). Values that are not existing paths are
+    left to the parser (it also accepts an inline YAML string)."""
+    for i, arg in enumerate(argv):
+        flag, _, value = arg.partition("=")
+        if flag not in ("--config", "--config-file"):
+            continue
+        if not value:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        path = Path(value)
+        if not value or not path.exists():
+            continue
+        if not path.is_file():
+            raise UsageError(f"{flag} {value}: not a file")
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{flag} {value}: not a UTF-8 text (YAML) file (byte {exc.start})") from None
+        except OSError as exc:
+            raise UsageError(f"{flag} {value}: cannot be read ({exc.strerror})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -54,10 +124,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xcent {name}: error: this command is not available ({exc})", file=sys.stderr)
         return 2
     try:
-        return int(func(rest) or 0)
+        _check_config_files(rest)
+        with _one_line_parser_errors():
+            return int(func(rest) or 0)
+    except _ParserError as exc:
+        print(f"xcent {name}: error: {exc}\n(xcent {name} --help lists the flags)", file=sys.stderr)
+        return 2
     except XcentError as exc:
         print(f"xcent {name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        message = describe_output_error(exc)
+        if message is None:
+            raise
+        print(f"xcent {name}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"xcent {name}: interrupted", file=sys.stderr)
         return 130

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import load_dataset, synthesize
+from ..data import load_dataset, synthesize, synthesize_atomic
 from ..errors import UsageError
 
 
@@ -36,7 +36,9 @@ def synth_main(argv: list[str]) -> int:
     out = Path(a.out)
     if (out / "train").exists():
         raise UsageError(f"--out {out}: already holds a dataset (train/ exists); choose another directory")
-    info = synthesize(out, a.num_classes, a.feature_dim, a.num_samples, a.val_fraction, a.test_fraction,
+    # into a fresh or empty --out all at once (a failed run leaves nothing to refuse next time)
+    write = synthesize_atomic if not out.exists() or not any(out.iterdir()) else synthesize
+    info = write(out, a.num_classes, a.feature_dim, a.num_samples, a.val_fraction, a.test_fraction,
                       a.seed, a.noise, a.tail_exponent, a.normalize, a.dtype, a.format,
                       rows_per_class=a.rows_per_class, feature_norm=a.feature_norm)
     print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in info.items()))

@@ -35,7 +35,7 @@ import os
 import numpy as np
 
 from ..errors import UsageError
-from ..fileio import atomic_dir, atomic_path, write_text_atomic
+from ..fileio import atomic_dir, atomic_path, open_memmap_reserved, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -178,7 +178,7 @@ def _replace_npy(path: str, source, rows: np.ndarray, dtype, chunk_rows: int) ->
     """Write ``source[rows]`` to ``path`` as ``.npy`` in chunks, atomically."""
     shape = (len(rows),) + tuple(source.shape[1:])
     with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        out = open_memmap_reserved(tmp, dtype, shape)  # a full disk: ENOSPC, not a Bus error
         for start in range(0, len(rows), chunk_rows):
             out[start : start + chunk_rows] = source[rows[start : start + chunk_rows]]
         out.flush()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, open_memmap_reserved, reserve
 
 #: seconds between msync()s of the output files (a kill needs none; this bounds power-loss damage)
 FLUSH_EVERY_S = 60.0
@@ -78,9 +78,12 @@ class FeatureStore:
             path = os.path.join(out_dir, f"{name}.npy")
             if not os.path.exists(path):
                 with atomic_path(path) as tmp:
-                    fresh = np.lib.format.open_memmap(tmp, mode="w+", dtype=want, shape=shape)
+                    # space reserved before mapping: a full disk is ENOSPC here, not a Bus error later
+                    fresh = open_memmap_reserved(tmp, want, shape)
                     fresh.flush()
                     del fresh
+            else:
+                reserve(path)  # a store made before reservation existed may be sparse
             arrays[name] = np.load(path, mmap_mode="r+")
         return cls(out_dir, arrays["features"], arrays["labels"], arrays["is_cached"])
 
