@@ -29,23 +29,10 @@ from ..compare.report import (
     write_outputs,
 )
 from ..compare.run import execute
+from ..config import parse_error_line
 from ..errors import UsageError
 
 __all__ = ["compare_main", "compare_parser", "plan_from_argv", "plot_main", "plot_parser"]
-
-
-def _one_line(exc: Exception) -> str:
-    """A jsonargparse error as one line that names the flag first:
-    ``Parser key "epochs": ... Given value: abc`` -> ``--epochs abc: expected int``."""
-    text = " ".join(str(exc).split())
-    m = re.match(r'Parser key "([\w.]+)": (.*)', text)
-    if not m:
-        return text or "invalid flags"
-    flag, detail = "--" + m.group(1).replace("_", "-"), m.group(2)
-    given = re.search(r"Given value: (.*)$", detail)
-    expected = [t for t in re.findall(r"Expected a <class '(\w+)'>", detail) if t != "NoneType"]
-    reason = f"expected {' or '.join(expected)}" if expected else detail
-    return f"{flag} {given.group(1)}: {reason}" if given else f"{flag}: {reason}"
 
 
 def _parse(parser, argv: list[str]):
@@ -54,7 +41,7 @@ def _parse(parser, argv: list[str]):
     try:
         return parser.parse_args(argv)
     except ArgumentError as exc:
-        raise UsageError(_one_line(exc)) from None
+        raise UsageError(parse_error_line(str(exc))) from None
 
 
 def compare_parser():
