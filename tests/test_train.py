@@ -100,7 +100,8 @@ def test_python_m_xcent_runs(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["scent", "asgd"])
 def test_resume_is_exact(tiny_data, tmp_path, monkeypatch, algorithm):
-    extra = ("--epochs", 3, "--batch-size", 40, "--algorithm", algorithm, "--train-eval-size", 300)
+    extra = ("--epochs", 3, "--batch-size", 40, "--algorithm", algorithm, "--train-eval-size", 300,
+             "--log-every-steps", 7)
     train(config(tiny_data, tmp_path, "full", *extra), echo=lambda *_: None)
 
     real_save = train_mod._save
@@ -128,6 +129,9 @@ def test_resume_is_exact(tiny_data, tmp_path, monkeypatch, algorithm):
     assert strip(read_jsonl(tmp_path / "full" / "eval_full.jsonl")) == strip(
         read_jsonl(tmp_path / "cut" / "eval_cut.jsonl")
     )
+    # the step log too: the resumed run drops nothing and repeats nothing
+    steps_full = read_jsonl(tmp_path / "full" / "steps_full.jsonl")
+    assert steps_full and steps_full == read_jsonl(tmp_path / "cut" / "steps_cut.jsonl")
 
 
 def test_running_train_loss_is_the_seed_mean_full_ce(tiny_data, tmp_path):

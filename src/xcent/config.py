@@ -30,6 +30,7 @@ from typing import Literal, Optional
 
 from . import losses
 from .errors import UsageError
+from .loggers import check_available
 
 __all__ = [
     "LOGGERS",
@@ -91,6 +92,12 @@ class TrainConfig:
                              default=False)
     dist_timeout: float = _help("seconds a collective may wait under torchrun before the job fails (a dead peer)",
                                 default=300.0)
+    logger: str = _help("comma list of metric loggers: jsonl (OUT/eval_NAME.jsonl and steps_NAME.jsonl, always "
+                        "written), tensorboard (OUT/tensorboard/; pip install 'xcent[tensorboard]')",
+                        default="jsonl")
+    log_every_steps: int = _help("log the step's losses and dual statistics every N steps of an epoch "
+                                 "(batches 0, N, 2N, ...; as the reference implementation, N = 100); 0: off",
+                                 default=100)
 
     def __getattr__(self, name: str):
         # only reached for names that are not fields: the registry's hyper-parameters
@@ -295,10 +302,18 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise UsageError(f"--save-frequency {c.save_frequency}: must be at least 1")
     if not 0 <= c.warmup_epochs < c.epochs:
         raise UsageError(f"--warmup-epochs {c.warmup_epochs}: must be in [0, --epochs)")
+    names = [n.strip().lower() for n in str(c.logger).split(",") if n.strip()]
+    for n in names:
+        if n not in LOGGERS:
+            raise UsageError(f"--logger {n}: unknown logger; choose from {', '.join(LOGGERS)}")
+        check_available(n)
+    if c.log_every_steps < 0:
+        raise UsageError(f"--log-every-steps {c.log_every_steps}: must be >= 0 (0: no step log)")
     keys = _hparam_keys()
     try:
         own = losses.resolve_hparams(algorithm, {k: c.hparams.get(k) for k in keys})
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return c.replace(algorithm=algorithm, hparams={k: own.get(k) for k in keys},
+                     logger=",".join(["jsonl"] + [n for n in dict.fromkeys(names) if n != "jsonl"]),
                      name=c.name if c.name is not None else algorithm)

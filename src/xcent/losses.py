@@ -247,6 +247,23 @@ class Algorithm(nn.Module):
         self.value = _dual_value(log_s, nu_grad)
         return self._exp_weights(rows, nu_grad)
 
+    # -- what the reference implementation logs (read on logging steps only) --
+    def reference_loss(self, num_columns: int) -> Tensor:
+        """The quantity the reference implementation (Optimization-AI/SCENT,
+        `xc/loss.py`) logs as ``loss`` for the last step, a 0-dim tensor (no sync):
+        ``mean_i (1/m) sum_j exp(z_ij - nu_i)`` at the duals of the gradient, i.e.
+        ``mean_i s_i e^{-nu_i}``: 1 when every ``nu_i = log s_i``. Computed from the
+        dual-form surrogate ``value = mean_i(nu_i + s_i e^{-nu_i} - 1)`` as
+        ``value - mean(grad_nu) + 1``. ``num_columns``: K of the last batch."""
+        return self.value - self.grad_nu.mean() + 1.0
+
+    def dual_rate(self, nu_old: Tensor) -> Tensor | float | None:
+        """The weight of the last dual step for rows whose old duals are ``nu_old``,
+        which the reference implementation logs as ``gamma/mean`` etc.: SCENT's
+        per-row ``sigmoid(gamma + nu)``, the epoch's rate of a scheduled algorithm
+        (a float), None without a dual step."""
+        return getattr(self, "rate", None)
+
     def _exp_weights(self, rows: _RowExp, nu: Tensor) -> Tensor:
         """``G = exp(z - nu) / (B m)`` from the row exponentials of the logits,
         recording in ``self.overflow`` whether an exponent had to be saturated, i.e.
@@ -333,6 +350,10 @@ class SCENT(Algorithm):
     def dual_step(self, nu: Tensor, log_s: Tensor) -> tuple[Tensor, Tensor]:
         nu_new = scent_dual_step(nu, log_s, self.gamma)
         return nu_new, nu_new
+
+    def dual_rate(self, nu_old: Tensor) -> Tensor:
+        """``r = sigmoid(gamma + nu_old)``: ``e^{nu_new} = (1 - r) e^nu + r s``."""
+        return torch.sigmoid(self.gamma + nu_old)
 
 
 class SOX(Algorithm):
@@ -441,6 +462,11 @@ class ASGDSoftplus(Algorithm):
     def surrogate(self, logits: Tensor, nu: Tensor | None) -> Tensor:
         return self._value(self._shifted(logits, nu))
 
+    def reference_loss(self, num_columns: int) -> Tensor:
+        """The reference's logged ``loss`` averages the softplus terms over all K
+        columns (the excluded one adds 0) where ``value`` averages over m = K - 1."""
+        return self.value * ((num_columns - 1) / num_columns)
+
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
         self._schedule()
         B, K = logits.shape
@@ -478,6 +504,13 @@ class BSGD(Algorithm):
 
     def surrogate(self, logits: Tensor, nu: Tensor | None) -> Tensor:
         return torch.logsumexp(logits, dim=1).mean()
+
+    def reference_loss(self, num_columns: int) -> Tensor:
+        """The reference logs the in-batch log-sum-exp itself: ``value``."""
+        return self.value
+
+    def dual_rate(self, nu_old: Tensor) -> None:
+        return None
 
     def weights(self, logits: Tensor, index: Tensor) -> Tensor:
         rows = _RowExp(logits)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from .device import resolve_device
 from .errors import DivergenceError, UsageError
 from .evaluate import evaluate
 from .fileio import write_text_atomic
+from .loggers import JsonlLogger, MultiLogger, TensorBoardLogger, read_jsonl
 from .losses import build
 from .step import train_step
 
@@ -78,12 +78,15 @@ def build_loss(c: TrainConfig, num_samples: int):
 
 
 class RunDir:
-    """``OUT = out_dir/name``: config.yaml, out.log, eval_NAME.jsonl, checkpoints/."""
+    """``OUT = out_dir/name``: config.yaml, out.log, eval_NAME.jsonl, steps_NAME.jsonl,
+    tensorboard/, checkpoints/."""
 
     def __init__(self, out_dir, name):
         self.path = Path(out_dir) / name
         self.name = name
         self.jsonl = self.path / f"eval_{name}.jsonl"
+        self.steps = self.path / f"steps_{name}.jsonl"
+        self.tensorboard = self.path / "tensorboard"
         self.checkpoints = self.path / "checkpoints"
         self.config = self.path / "config.yaml"
         self.log = self.path / "out.log"
@@ -92,18 +95,10 @@ class RunDir:
         return self.jsonl.exists() or bool(ckpt_io.epoch_checkpoints(self.checkpoints))
 
     def read_jsonl(self) -> list[dict]:
-        if not self.jsonl.exists():
-            return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.jsonl)
 
-    def write_jsonl(self, records: list[dict]) -> None:
-        write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
-
-    def append_jsonl(self, record: dict) -> None:
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def write_jsonl(self, records: list[dict], path: Path | None = None) -> None:
+        write_text_atomic(path or self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _attach_log_file(path: Path) -> logging.Handler:
@@ -285,8 +280,9 @@ def _train(c, data, device, ctx, echo) -> dict:
     if is_main:
         if not c.resume and run.holds_run():  # --overwrite
             shutil.rmtree(run.checkpoints, ignore_errors=True)
-            run.jsonl.unlink(missing_ok=True)
-            run.log.unlink(missing_ok=True)
+            shutil.rmtree(run.tensorboard, ignore_errors=True)
+            for path in (run.jsonl, run.steps, run.log):
+                path.unlink(missing_ok=True)
         run.path.mkdir(parents=True, exist_ok=True)
         ckpt_io.clean_stale_temp(run.checkpoints)
         handler = _attach_log_file(run.log)
@@ -304,7 +300,7 @@ def _train(c, data, device, ctx, echo) -> dict:
 
 
 def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dict:
-    num_samples, batch_size, epochs = data.train.num_samples, c.batch_size, c.epochs
+    num_samples, batch_size = data.train.num_samples, c.batch_size
     is_main = engine.is_main
     loss_fn = build_loss(c, num_samples)
     if resume_ckpt is not None:
@@ -314,6 +310,7 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
         records = [r for r in run.read_jsonl() if r["epoch"] <= resume_ckpt["epoch"]]
         if is_main:
             run.write_jsonl(records)
+            run.write_jsonl([r for r in read_jsonl(run.steps) if r["epoch"] <= resume_ckpt["epoch"]], run.steps)
             log.info("resumed from %s at epoch %d", c.resume, resume_ckpt["epoch"])
     else:
         start_epoch, best, records = 1, {}, []
@@ -327,10 +324,60 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
     echo(TABLE_HEADER)
     for r in records:
         echo(_format_row(r))
+    steps_per_epoch = math.ceil(num_samples / batch_size)
+    epoch_log, step_log = _loggers(c, run, is_main, steps_per_epoch, start_epoch)
+    try:
+        return _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, steps_per_epoch,
+                       epoch_log, step_log, echo)
+    finally:
+        epoch_log.close()
+        step_log.close()
+
+
+def _loggers(c, run: RunDir, is_main: bool, steps_per_epoch: int, start_epoch: int):
+    """(epoch logger, step logger): JSONL always, TensorBoard with ``--logger``; no-ops
+    off rank 0. TensorBoard draws both against the global step (epoch e at e x steps
+    per epoch) and, on resume, drops what an interrupted run wrote past the checkpoint."""
+    if not is_main:
+        return MultiLogger([]), MultiLogger([])
+    epoch_log = [JsonlLogger(run.jsonl, "epoch", fsync=True)]
+    step_log = [JsonlLogger(run.steps, "step")] if c.log_every_steps > 0 else []
+    if "tensorboard" in c.logger:
+        tb = TensorBoardLogger(run.tensorboard, "epoch/", purge_step=(start_epoch - 1) * steps_per_epoch + 1,
+                               step_scale=steps_per_epoch)
+        epoch_log.append(tb)
+        if step_log:
+            step_log.append(tb.with_prefix("step/"))
+    return MultiLogger(epoch_log), MultiLogger(step_log)
+
+
+def _step_record(loss_fn, result, nu_old, first, nu_index) -> dict:
+    """The step log's statistics of one step, read with one device sync (called on
+    logging steps only): the surrogate, the reference implementation's ``loss`` and
+    ``gamma/*`` (the dual step weight of the batch's revisited rows), and
+    ``nu/mean|median|min|max`` of the batch's duals after the step."""
+    values = {"surrogate_loss": result.loss, "loss": loss_fn.reference_loss(result.num_distinct)}
+    if loss_fn.grad_nu is not None:
+        nu = loss_fn.nu[nu_index]
+        values.update({"nu/mean": nu.mean(), "nu/median": nu.median(), "nu/min": nu.min(), "nu/max": nu.max()})
+        rate = loss_fn.dual_rate(nu_old[~first])
+        if isinstance(rate, torch.Tensor) and rate.numel():
+            values.update({"gamma/mean": rate.mean(), "gamma/median": rate.median(), "gamma/min": rate.min(),
+                           "gamma/max": rate.max()})
+        elif isinstance(rate, float) and bool((~first).any()):
+            values.update({k: torch.tensor(rate) for k in ("gamma/mean", "gamma/median", "gamma/min", "gamma/max")})
+    numbers = torch.stack([v.detach().to("cpu", torch.float64) for v in values.values()]).tolist()
+    return dict(zip(values, numbers))
+
+
+def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, steps_per_epoch, epoch_log,
+            step_log, echo) -> dict:
+    num_samples, batch_size, epochs, is_main = data.train.num_samples, c.batch_size, c.epochs, engine.is_main
+    every = c.log_every_steps if is_main else 0
 
     def finish_epoch(record):
         if is_main:
-            run.append_jsonl(record)
+            epoch_log.log_dict({k: v for k, v in record.items() if k != "epoch"}, record["epoch"])
             log.info(json.dumps(record))
         records.append(record)
         echo(_format_row(record))
@@ -344,7 +391,6 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
 
     from tqdm.auto import tqdm
 
-    steps_per_epoch = math.ceil(num_samples / batch_size)
     for epoch in range(start_epoch, epochs + 1):
         loss_fn.set_epoch(epoch, epochs)
         lr = lr_at(epoch, epochs, c.lr, c.warmup_epochs)
@@ -359,7 +405,12 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
             index = order[step * batch_size:(step + 1) * batch_size].sort().values
             feats, labels = engine.batch(index)
             if c.train_loss == "running":
-                running_sum += engine.batch_full_ce_sum(feats, labels)
+                batch_ce = engine.batch_full_ce_sum(feats, labels)
+                running_sum += batch_ce
+            logging_step = every > 0 and step % every == 0  # the reference's batches 0, 100, 200, ...
+            if logging_step:  # the old duals, for the dual step weight (a B-row gather, logging steps only)
+                nu_index = index.to(loss_fn.nu.device)
+                nu_old, first = loss_fn.nu[nu_index].clone(), ~loss_fn.nu_set[nu_index]
             result = engine.step(loss_fn, feats, labels, index, lr)
             if result.skipped:
                 skipped += 1
@@ -372,6 +423,12 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
             else:
                 surrogate_sum += result.loss.double()
                 steps += 1
+                if logging_step:
+                    record = {"epoch": epoch, "batch": step, "lr": lr,
+                              **_step_record(loss_fn, result, nu_old, first, nu_index)}
+                    if c.train_loss == "running":
+                        record["train_loss"] = batch_ce / len(index)
+                    step_log.log_dict(record, (epoch - 1) * steps_per_epoch + step + 1)
             bar.update(1)
         bar.close()
         train_seconds = time.perf_counter() - start
