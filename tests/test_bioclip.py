@@ -155,7 +155,8 @@ def tiny_vit(tmp_path_factory):
     open_clip.add_model_config(str(root / f"{TINY_VIT}.json"))
     backbones.register_arch("openclip_tiny", backbones.open_clip_builder(TINY_VIT))
     save_random_open_clip(open_clip, TINY_VIT, root / "tiny.pt")
-    return open_clip, root / "tiny.pt"
+    yield open_clip, root / "tiny.pt"
+    backbones.ARCHS.pop("openclip_tiny", None)
 
 
 @pytest.mark.parametrize("batch_size,workers", [(5, 0), (16, 2)])

@@ -31,8 +31,16 @@ from xcent.cli.extract import extract_main  # noqa: E402
 from xcent.extract import backbones  # noqa: E402
 from xcent.extract.shards import expand_braces, expand_urls  # noqa: E402
 
-tiny_backbones.register()
 TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_backbones():
+    # registered for this module only: the user-facing --arch list (and docs/cli.md,
+    # rendered from --help) never shows them
+    tiny_backbones.register()
+    yield
+    tiny_backbones.unregister()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEATURE_DIM = 16

@@ -69,6 +69,14 @@ def _build_clip_tiny(arch, pretrained_path, feature_dim):
     return backbones.Backbone(arch, model, ClipPreprocess(32), feature_dim, normalize=True)
 
 
+TINY = {"iresnet_tiny": _build_iresnet_tiny, "clip_tiny": _build_clip_tiny}
+
+
 def register() -> None:
-    backbones.register_arch("iresnet_tiny", _build_iresnet_tiny)
-    backbones.register_arch("clip_tiny", _build_clip_tiny)
+    for name, builder in TINY.items():
+        backbones.register_arch(name, builder)
+
+
+def unregister() -> None:
+    for name in TINY:
+        backbones.ARCHS.pop(name, None)
