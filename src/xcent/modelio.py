@@ -592,3 +592,113 @@ def export_safetensors(weight: Tensor, meta: dict, out: Path) -> None:
               "checksums": json.dumps({k: tensor_checksum(t) for k, t in tensors.items()})}
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+
+
+# --------------------------------------------------------------------------- reference checkpoints
+
+#: where a converted checkpoint says it came from
+REFERENCE = "Optimization-AI/SCENT xc/train.py"
+
+
+def import_reference(path, algorithm: str, num_samples: int | None = None,
+                     flag: str = "--checkpoint") -> tuple[dict, dict]:
+    """Convert a checkpoint of the reference implementation (Optimization-AI/SCENT,
+    ``xc/train.py``) into an xcent checkpoint dict, ready for :func:`save_atomic`.
+
+    The reference saves ``{"model_state": LinearClassifier.state_dict(),
+    "optimizer_state": SGD.state_dict(), "epoch": E, "criterion_nu": nu}``: the model's
+    one parameter is ``fc.weight`` (an ``nn.Linear(D, C, bias=False)``, so (C, D), the
+    layout of xcent's ``weight``), ``epoch`` counts finished epochs (as xcent's does, so a
+    resume starts at E + 1), and ``criterion_nu`` (N, 1) or (N,) float32 holds one dual
+    per training row for the dual algorithms (absent for bsgd). The reference marks a dual
+    that was never set with ``nu == 0``; exactly those become unset here (xcent keeps an
+    explicit mask, ``nu_set``). ``num_samples`` is needed only for bsgd, whose checkpoint
+    records no per-row state.
+
+    Not carried over: the optimizer state (plain SGD keeps none; a momentum buffer of the
+    reference's momentum variant is dropped and reported, xcent's step has no momentum),
+    the scheduler state (xcent's learning rate is a function of the epoch) and the best
+    metrics (kept by the reference in its JSONL, not in the checkpoint). Returns
+    ``(checkpoint, report)``; the report lists what was found and what was dropped.
+    """
+    from .losses import BSGD, REGISTRY
+
+    where = f"{flag} {path}"
+    if algorithm not in REGISTRY:
+        raise UsageError(f"--algorithm must be one of {', '.join(REGISTRY)}, got {algorithm!r}")
+    has_dual = not issubclass(REGISTRY[algorithm].cls, BSGD)
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{where}: no such file")
+    try:
+        # weights_only: a checkpoint from elsewhere is never unpickled as code
+        ref = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"{where}: cannot be read as a torch checkpoint ({type(exc).__name__})")
+    if isinstance(ref, dict) and ref.get("format") == FORMAT:
+        raise UsageError(f"{where}: already an xcent checkpoint; use it as it is")
+    if not isinstance(ref, dict) or not isinstance(ref.get("model_state"), dict):
+        raise UsageError(f"{where}: not a checkpoint of the reference implementation (no 'model_state' dict)")
+    state = {k.removeprefix("module."): v for k, v in ref["model_state"].items()}
+    weight = state.pop("fc.weight", None)
+    if not isinstance(weight, Tensor) or weight.ndim != 2 or not weight.is_floating_point():
+        raise UsageError(f"{where}: 'model_state' has no 2-d float 'fc.weight' (the reference's LinearClassifier)")
+    if state:
+        raise UsageError(f"{where}: 'model_state' holds {sorted(state)[0]!r} besides 'fc.weight'; "
+                         f"not the reference's bias-free linear classifier")
+    num_classes, feature_dim = (int(n) for n in weight.shape)
+    epoch = ref.get("epoch", 0)  # the reference's own loader starts at 0 without one
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+        raise UsageError(f"{where}: 'epoch' is {epoch!r}, not a non-negative integer")
+    if not torch.isfinite(weight).all():
+        raise UsageError(f"{where}: 'fc.weight' holds non-finite values")
+
+    ref_nu = ref.get("criterion_nu")
+    if has_dual and ref_nu is None:
+        raise UsageError(f"{where}: no 'criterion_nu' (a bsgd checkpoint?), but --algorithm {algorithm} needs duals")
+    if not has_dual and ref_nu is not None:
+        raise UsageError(f"{where}: holds 'criterion_nu' (a dual algorithm's checkpoint), but --algorithm is "
+                         f"{algorithm}; name the algorithm it was trained with")
+    if ref_nu is not None:
+        if not isinstance(ref_nu, Tensor) or not ref_nu.is_floating_point() or ref_nu.ndim not in (1, 2) \
+                or (ref_nu.ndim == 2 and ref_nu.shape[1] != 1):
+            raise UsageError(f"{where}: 'criterion_nu' is not an (N,) or (N, 1) float tensor")
+        ref_nu = ref_nu.reshape(-1).to(torch.float32)
+        if num_samples is not None and num_samples != len(ref_nu):
+            raise UsageError(f"{where}: 'criterion_nu' has {len(ref_nu)} rows, the data {num_samples}")
+        if not torch.isfinite(ref_nu).all():
+            raise UsageError(f"{where}: 'criterion_nu' holds non-finite values")
+        num_samples = len(ref_nu)
+        nu_set = ref_nu != 0  # the reference's marker of a dual never set
+        nu = torch.where(nu_set, ref_nu, torch.full_like(ref_nu, float("nan")))
+    else:
+        if num_samples is None:
+            raise UsageError(f"{where}: a bsgd checkpoint does not record the number of training rows; "
+                             f"pass --data-dir (the data it was trained on)")
+        nu = torch.full((num_samples,), float("nan"))
+        nu_set = torch.zeros(num_samples, dtype=torch.bool)
+    if num_samples <= 0:
+        raise UsageError(f"{where}: 'criterion_nu' is empty")
+
+    report = {"epoch": epoch, "num_classes": num_classes, "feature_dim": feature_dim, "num_samples": num_samples,
+              "num_unset": int((~nu_set).sum()) if has_dual else None, "dropped": []}
+    opt = ref.get("optimizer_state")
+    if isinstance(opt, dict):
+        groups = opt.get("param_groups") or [{}]
+        group = groups[0] if isinstance(groups[0], dict) else {}
+        report["lr"], report["initial_lr"] = group.get("lr"), group.get("initial_lr")
+        report["momentum"] = group.get("momentum")
+        if any(isinstance(s, dict) and s.get("momentum_buffer") is not None for s in (opt.get("state") or {}).values()):
+            report["dropped"].append("the optimizer's momentum buffer (xcent's step has no momentum)")
+    for key in ref:
+        if "sched" in key:
+            report["dropped"].append(f"'{key}' (xcent's learning rate is a function of the epoch)")
+    ckpt = {
+        "format": FORMAT, "weight": weight.detach().to(torch.float32).contiguous(), "nu": nu, "nu_set": nu_set,
+        "epoch": epoch, "best": {}, "algorithm": algorithm, "num_classes": num_classes, "feature_dim": feature_dim,
+        "num_samples": num_samples, "config": {},
+        # resume restores this generator state; the reference's is not in its checkpoint
+        "rng_state": torch.Generator().manual_seed(0).get_state(), "world_size": 1,
+        "imported_from": {"format": REFERENCE, "path": str(path)},
+    }
+    return ckpt, report

@@ -39,6 +39,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("xcent.cli.train:demo_main", "train SCENT on a cached built-in synthetic dataset"),
     "extract": ("xcent.cli.extract:extract_main", "extract features from webdataset image shards"),
     "split": ("xcent.cli.extract:split_main", "split extracted features into train/val/test"),
+    "import": ("xcent.cli.reference:import_main", "convert a checkpoint of the reference implementation"),
     "compare": ("xcent.cli.compare:compare_main", "run several algorithms/seeds and compare them"),
     "plot": ("xcent.cli.compare:plot_main", "draw the comparison figure from existing runs"),
     "predict": ("xcent.cli.predict:predict_main", "top-k classes of new feature vectors"),
