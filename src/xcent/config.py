@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from . import losses
+from .device import parse_threads
 from .errors import UsageError
 from .loggers import check_available
 
@@ -98,6 +99,9 @@ class TrainConfig:
     log_every_steps: int = _help("log the step's losses and dual statistics every N steps of an epoch "
                                  "(batches 0, N, 2N, ...; as the reference implementation, N = 100); 0: off",
                                  default=100)
+    threads: str = _help("CPU intra-op threads: auto (one thread for the small ops of a training step, all cores "
+                         "for the evaluation GEMMs; OMP_NUM_THREADS caps it) or a number for every phase",
+                         default="auto")
 
     def __getattr__(self, name: str):
         # only reached for names that are not fields: the registry's hyper-parameters
@@ -309,6 +313,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         check_available(n)
     if c.log_every_steps < 0:
         raise UsageError(f"--log-every-steps {c.log_every_steps}: must be >= 0 (0: no step log)")
+    parse_threads(c.threads)
     keys = _hparam_keys()
     try:
         own = losses.resolve_hparams(algorithm, {k: c.hparams.get(k) for k in keys})

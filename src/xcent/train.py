@@ -26,7 +26,7 @@ from . import modelio as ckpt_io
 from .classifier import full_softmax_stats, init_weight
 from .config import TrainConfig
 from .data import Dataset, load_dataset
-from .device import resolve_device
+from .device import ThreadPolicy, resolve_device
 from .errors import DivergenceError, UsageError
 from .evaluate import evaluate
 from .fileio import write_text_atomic
@@ -247,7 +247,8 @@ def train(c: TrainConfig, echo=print) -> dict:
     device = resolve_device(c.device)
     ctx = xd.init_from_env(device, c.dist_timeout) if xd.world_size_from_env() > 1 else None
     try:
-        return _train(c, data, device, ctx, echo)
+        with ThreadPolicy.use(torch.get_num_threads()):  # the caller's thread count comes back
+            return _train(c, data, device, ctx, echo)
     finally:
         if ctx is not None:
             xd.shutdown()
@@ -374,6 +375,7 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
             step_log, echo) -> dict:
     num_samples, batch_size, epochs, is_main = data.train.num_samples, c.batch_size, c.epochs, engine.is_main
     every = c.log_every_steps if is_main else 0
+    threads = ThreadPolicy(c.threads)
 
     def finish_epoch(record):
         if is_main:
@@ -383,9 +385,10 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
         echo(_format_row(record))
 
     if start_epoch == 1:  # epoch 0: the initial model, so curves start at log C
-        metrics, eval_s = _epoch_metrics(data, engine, subset, None)
-        metrics["epoch"] = 0
-        eval_s += _update_best(best, metrics, data, engine)
+        with ThreadPolicy.use(threads.eval_threads()):
+            metrics, eval_s = _epoch_metrics(data, engine, subset, None)
+            metrics["epoch"] = 0
+            eval_s += _update_best(best, metrics, data, engine)
         finish_epoch({"epoch": 0, **metrics, "lr": 0.0, "epoch_seconds": 0.0, "samples_per_second": 0.0,
                       "skipped_steps": 0, "eval_seconds": eval_s})
 
@@ -401,11 +404,14 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
         start = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
                    disable=None if is_main else True, file=sys.stderr)
+        # the step's threads for the whole loop (evaluations switch and come back)
+        torch.set_num_threads(threads.step_threads(batch_size, data.feature_dim))
         for step in range(steps_per_epoch):
             index = order[step * batch_size:(step + 1) * batch_size].sort().values
             feats, labels = engine.batch(index)
             if c.train_loss == "running":
-                batch_ce = engine.batch_full_ce_sum(feats, labels)
+                with ThreadPolicy.use(threads.eval_threads()):
+                    batch_ce = engine.batch_full_ce_sum(feats, labels)
                 running_sum += batch_ce
             logging_step = every > 0 and step % every == 0  # the reference's batches 0, 100, 200, ...
             if logging_step:  # the old duals, for the dual step weight (a B-row gather, logging steps only)
@@ -433,9 +439,10 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
         bar.close()
         train_seconds = time.perf_counter() - start
         running = running_sum / num_samples if c.train_loss == "running" else None
-        metrics, eval_s = _epoch_metrics(data, engine, subset, running)
-        metrics["epoch"] = epoch
-        eval_s += _update_best(best, metrics, data, engine)
+        with ThreadPolicy.use(threads.eval_threads()):
+            metrics, eval_s = _epoch_metrics(data, engine, subset, running)
+            metrics["epoch"] = epoch
+            eval_s += _update_best(best, metrics, data, engine)
         if skipped and is_main:
             log.warning("epoch %d: %d step(s) skipped (batch with a single label)", epoch, skipped)
         finish_epoch({"epoch": epoch, **metrics, "lr": lr, "surrogate_loss": float(surrogate_sum) / max(steps, 1),

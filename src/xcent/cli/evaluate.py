@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..data import load_dataset
-from ..device import resolve_device
+from ..device import ThreadPolicy, parse_threads, resolve_device
 from ..errors import UsageError
 from ..evaluate import _aggregate, bucket_metrics, per_class_stats, train_class_counts
 
@@ -36,7 +36,10 @@ def main(argv: list[str]) -> int:
                    help="break metrics down by train frequency (head/torso/tail thirds of the classes, unseen)")
     p.add_argument("--json", type=bool, nargs="?", const=True, default=False,
                    help="print one JSON object instead of text (--json or --json true)")
+    p.add_argument("--threads", type=str, default="auto",
+                   help="CPU intra-op threads: auto (all cores; OMP_NUM_THREADS caps it) or a number")
     a = p.parse_args(argv)
+    parse_threads(a.threads)  # a bad value fails before any work
     if a.split not in ("train", "val", "test"):
         raise UsageError(f"--split {a.split}: expected train, val or test")
     if a.chunk_rows < 1 or a.class_chunk < 1:
@@ -46,8 +49,9 @@ def main(argv: list[str]) -> int:
                         feature_dim=weight.shape[1])
     counts = train_class_counts(a.data_dir, weight.shape[0]) if a.buckets else None
     device = resolve_device(a.device)
-    stats = per_class_stats(data.splits[a.split], weight.to(device, torch.float32), chunk_rows=a.chunk_rows,
-                            class_chunk=a.class_chunk)
+    with ThreadPolicy.use(ThreadPolicy(a.threads).eval_threads()):
+        stats = per_class_stats(data.splits[a.split], weight.to(device, torch.float32), chunk_rows=a.chunk_rows,
+                                class_chunk=a.class_chunk)
     overall = _aggregate(stats)
     metrics = {"checkpoint": str(Path(a.checkpoint)), "split": a.split, "epoch": meta["epoch"],
                "num_classes": int(weight.shape[0]), **overall}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..device import resolve_device
+from ..device import ThreadPolicy, parse_threads, resolve_device
 from ..errors import UsageError
 from ..modelio import _names_from_data_dir, export_safetensors, load_model, read_label_names
 from ..predict import DEFAULT_CHUNK_ROWS, DEFAULT_CLASS_CHUNK, Classifier, load_features, write_predictions
@@ -39,7 +39,10 @@ def predict_main(argv: list[str]) -> int:
     p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per block")
     p.add_argument("--class-chunk", type=int, default=DEFAULT_CLASS_CHUNK, help="classes per block")
     p.add_argument("--progress", type=bool, default=True, help="progress bar on stderr")
+    p.add_argument("--threads", type=str, default="auto",
+                   help="CPU intra-op threads: auto (all cores; OMP_NUM_THREADS caps it) or a number")
     a = p.parse_args(argv)
+    parse_threads(a.threads)  # a bad value fails before any work
 
     # every check happens before the output file is opened
     out = _check_out(a.out, (".jsonl", ".csv"))
@@ -60,7 +63,8 @@ def predict_main(argv: list[str]) -> int:
         raise UsageError(f"--top-k {a.top_k}: must be between 1 and the number of classes ({clf.num_classes})")
     feats = load_features(a.features, clf.feature_dim)
     t0 = time.perf_counter()
-    n = write_predictions(clf, feats, out, a.top_k, fmt, progress=a.progress)
+    with ThreadPolicy.use(ThreadPolicy(a.threads).eval_threads()):
+        n = write_predictions(clf, feats, out, a.top_k, fmt, progress=a.progress)
     seconds = time.perf_counter() - t0
     print(f"wrote {out}: {n} rows, top-{a.top_k} of {clf.num_classes} classes"
           f"{' with names' if clf.label_names is not None else ''} ({seconds:.1f} s, "
