@@ -376,3 +376,51 @@ def test_train_step_with_lazy_sgd_equals_dense_sgd():
             dense_step(x, y, idx)
     optimizer.flush(weight)
     torch.testing.assert_close(weight, linear.weight.detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_xcent_train_momentum_weight_decay(tiny_data, tmp_path):
+    """``xcent train --momentum --weight-decay``: the epoch-end weight equals dense
+    torch.optim.SGD on the same batches (the trainer's own step, replayed), the momentum
+    buffer is checkpointed, and a resumed run continues exactly."""
+    from xcent.config import config_from_argv
+    from xcent.data import load_dataset
+    from xcent.modelio import load as load_ckpt
+    from xcent.train import epoch_permutation
+    from xcent.train import train as run_train
+
+    def args(name, *extra):
+        return ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", name, "--epochs", "2",
+                "--batch-size", "50", "--train-eval-size", "100", "--lr", "2.0", "--momentum", "0.9",
+                "--weight-decay", "0.01", *extra]
+
+    run_train(config_from_argv(args("full")), echo=lambda *_: None)
+    ckpt = load_ckpt(tmp_path / "full" / "checkpoints" / "epoch_2.pt")
+    assert ckpt["momentum_buffer"].shape == ckpt["weight"].shape
+    # dense replay: nn.Linear + autograd + torch.optim.SGD over every row, same batches
+    data = load_dataset(tiny_data)
+    c = config_from_argv(args("replay"))
+    C, D, N = data.num_classes, data.feature_dim, data.train.num_samples
+    linear = torch.nn.Linear(D, C, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(init_weight(C, D, c.seed))
+    opt = torch.optim.SGD(linear.parameters(), lr=2.0, momentum=0.9, weight_decay=0.01)
+    loss_fn = build("scent", N)
+    for epoch in (1, 2):
+        opt.param_groups[0]["lr"] = lr_at(epoch, 2, 2.0)
+        order = epoch_permutation(N, c.seed, epoch)
+        for s in range(0, N, 50):
+            index = order[s:s + 50].sort().values
+            x, y = data.train.gather(index)
+            opt.zero_grad()
+            scores = linear(x.float())
+            U = torch.unique(y)
+            z = scores[:, U] - scores[torch.arange(len(y)), y][:, None]
+            loss_fn(z.masked_fill(U[None, :] == y[:, None], float("-inf")), index).backward()
+            opt.step()
+    torch.testing.assert_close(ckpt["weight"], linear.weight.detach(), rtol=1e-4, atol=1e-6)
+    # resume from epoch 1 continues exactly
+    run_train(config_from_argv(args("resumed", "--resume", str(tmp_path / "full" / "checkpoints" / "epoch_1.pt"))),
+              echo=lambda *_: None)
+    again = load_ckpt(tmp_path / "resumed" / "checkpoints" / "epoch_2.pt")
+    assert torch.equal(again["weight"], ckpt["weight"])
+    assert torch.equal(again["momentum_buffer"], ckpt["momentum_buffer"])

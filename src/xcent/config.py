@@ -75,6 +75,10 @@ class TrainConfig:
     device: str = _help("cpu, cuda, cuda:N or auto", default="auto")
     out_dir: str = _help("the run goes to OUT_DIR/NAME", default="outputs")
     warmup_epochs: int = _help("epochs of linear learning-rate warmup before the cosine", default=0)
+    momentum: float = _help("SGD momentum of the weight rows, exactly torch.optim.SGD's over all C rows while a "
+                            "step still touches only its batch's rows; 0: the algorithm as specified", default=0.0)
+    weight_decay: float = _help("L2 weight decay of the weight rows, exactly torch.optim.SGD's over all C rows; "
+                                "0: the algorithm as specified", default=0.0)
     save_frequency: int = _help("checkpoint every N epochs (and at the end)", default=1)
     hparams: dict = field(default_factory=dict, metadata={"hparams": True})
     resume: str | None = _help("a checkpoint path, or 'latest'", default=None)
@@ -306,6 +310,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise UsageError(f"--save-frequency {c.save_frequency}: must be at least 1")
     if not 0 <= c.warmup_epochs < c.epochs:
         raise UsageError(f"--warmup-epochs {c.warmup_epochs}: must be in [0, --epochs)")
+    if not 0.0 <= c.momentum < 1.0:
+        raise UsageError(f"--momentum {c.momentum}: must be in [0, 1)")
+    if c.weight_decay < 0.0:
+        raise UsageError(f"--weight-decay {c.weight_decay}: must be >= 0")
     names = [n.strip().lower() for n in str(c.logger).split(",") if n.strip()]
     for n in names:
         if n not in LOGGERS:

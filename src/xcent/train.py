@@ -32,7 +32,7 @@ from .evaluate import evaluate
 from .fileio import write_text_atomic
 from .loggers import JsonlLogger, MultiLogger, TensorBoardLogger, read_jsonl
 from .losses import build
-from .step import train_step
+from .step import LazySGD, train_step
 
 log = logging.getLogger("xcent")
 
@@ -112,6 +112,22 @@ def _attach_log_file(path: Path) -> logging.Handler:
 # ----------------------------------------------------------------------------- engines
 
 
+def _row_optimizer(weight, c, resume_path, lo: int, hi: int) -> LazySGD:
+    """``--momentum`` / ``--weight-decay``: the exact sparse SGD of this process's rows
+    (:class:`xcent.step.LazySGD`; plain SGD when both are 0), its momentum buffer
+    resumed from the checkpoint file (zero if the checkpoint has none)."""
+    opt = LazySGD(weight.shape[0], weight.shape[1], c.momentum, c.weight_decay, weight.dtype, weight.device)
+    if opt.buf is not None and resume_path is not None:
+        buf = ckpt_io.load(resume_path, mmap=True, weight=False).get("momentum_buffer")
+        if buf is not None:
+            opt.buf.copy_(buf[lo:hi])
+    return opt
+
+
+def _momentum_rows(optimizer: LazySGD) -> dict:
+    return {} if optimizer.buf is None else {"momentum_buffer": optimizer.buf}
+
+
 class LocalEngine:
     """One process holds the whole (C, D) weight."""
 
@@ -123,13 +139,17 @@ class LocalEngine:
             self.weight = ckpt_io.load_rows(resume_path, 0, data.num_classes).to(device, torch.float32).contiguous()
         else:
             self.weight = init_weight(data.num_classes, data.feature_dim, c.seed, device)
+        self.optimizer = _row_optimizer(self.weight, c, resume_path, 0, data.num_classes)
 
     def batch(self, index):
         feats, labels = self.data.train.gather(index)
         return feats.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def step(self, loss_fn, feats, labels, index, lr):
-        return train_step(self.weight, loss_fn, feats, labels, index, lr)
+        return train_step(self.weight, loss_fn, feats, labels, index, lr, optimizer=self.optimizer)
+
+    def flush(self) -> None:
+        self.optimizer.flush(self.weight)
 
     def batch_full_ce_sum(self, feats, labels) -> float:
         lse, target, _ = full_softmax_stats(feats, labels, self.weight)
@@ -140,7 +160,7 @@ class LocalEngine:
 
     def save(self, run: RunDir, epoch: int, meta: dict) -> Path:
         path = run.checkpoints / f"epoch_{epoch}.pt"
-        ckpt_io.save_atomic({**meta, "weight": self.weight.detach().cpu()}, path)
+        ckpt_io.save_atomic({**meta, "weight": self.weight.detach().cpu(), **_momentum_rows(self.optimizer)}, path)
         return path
 
 
@@ -159,13 +179,18 @@ class ShardedEngine:
         else:
             rows = init_weight(data.num_classes, data.feature_dim, c.seed, rows=(self.lo, self.hi))
         self.weight = rows.to(self.device, torch.float32).contiguous()
+        self.optimizer = _row_optimizer(self.weight, c, None, self.lo, self.hi)  # --momentum refused in train()
 
     def batch(self, index):
         feats = self.xd.gather_batch_rows(self.data.train, index, self.ctx, torch.float32)
         return feats, self.data.train.labels.index_select(0, index).to(self.device)
 
     def step(self, loss_fn, feats, labels, index, lr):
-        return train_step(self.weight, loss_fn, feats, labels, index, lr, lo=self.lo, process_group=self.ctx.group)
+        return train_step(self.weight, loss_fn, feats, labels, index, lr, lo=self.lo, process_group=self.ctx.group,
+                          optimizer=self.optimizer)
+
+    def flush(self) -> None:
+        self.optimizer.flush(self.weight)
 
     def batch_full_ce_sum(self, feats, labels) -> float:
         lse, target, _ = self.xd.sharded_stats(feats, labels, self.weight, self.lo, self.ctx)
@@ -245,6 +270,10 @@ def train(c: TrainConfig, echo=print) -> dict:
                         data_size=c.data_size, check_features=c.check_features,
                         low_memory=c.low_memory)
     device = resolve_device(c.device)
+    if c.momentum > 0 and xd.world_size_from_env() > 1:
+        # sharded checkpoints hold the weight rows only: a resumed run would lose the buffer
+        raise UsageError(f"--momentum {c.momentum}: not supported under torchrun yet (the momentum buffer "
+                         "is not in sharded checkpoints); use one process, or --weight-decay alone")
     ctx = xd.init_from_env(device, c.dist_timeout) if xd.world_size_from_env() > 1 else None
     try:
         with ThreadPolicy.use(torch.get_num_threads()):  # the caller's thread count comes back
@@ -410,6 +439,7 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
             index = order[step * batch_size:(step + 1) * batch_size].sort().values
             feats, labels = engine.batch(index)
             if c.train_loss == "running":
+                engine.flush()  # the full CE needs every row current (a pass over C rows, as the CE itself)
                 with ThreadPolicy.use(threads.eval_threads()):
                     batch_ce = engine.batch_full_ce_sum(feats, labels)
                 running_sum += batch_ce
@@ -437,6 +467,7 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
                     step_log.log_dict(record, (epoch - 1) * steps_per_epoch + step + 1)
             bar.update(1)
         bar.close()
+        engine.flush()  # every row current (momentum / weight decay) before evaluating and saving
         train_seconds = time.perf_counter() - start
         running = running_sum / num_samples if c.train_loss == "running" else None
         with ThreadPolicy.use(threads.eval_threads()):
