@@ -29,11 +29,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "PRECISIONS",
     "ClassScan",
     "InBatch",
     "full_softmax_stats",
     "in_batch_logits",
     "init_weight",
+    "matmul_nt",
     "relative_logits",
     "relative_logits_",
     "row_gradient_weights_",
@@ -41,6 +43,49 @@ __all__ = [
     "sparse_sgd_step",
     "target_logits",
 ]
+
+
+#: ``fp32``: every GEMM in float32. ``bf16``: the score GEMMs (in-batch and
+#: evaluation) read bfloat16 copies of their operands and accumulate in float32; the
+#: weight, the duals, the log-sum-exp and the row update stay float32.
+PRECISIONS = ("fp32", "bf16")
+
+
+def _has_mm_out_dtype() -> bool:
+    """Whether this torch has ``torch.mm(..., out_dtype=)`` (CUDA only: the CPU has no
+    kernel for ``aten::mm.dtype``)."""
+    try:
+        torch.mm(torch.zeros(1, 1, dtype=torch.bfloat16, device="meta"),
+                 torch.zeros(1, 1, dtype=torch.bfloat16, device="meta"), out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+_MM_OUT_DTYPE = _has_mm_out_dtype()
+
+
+def matmul_nt(a: Tensor, b: Tensor, precision: str = "fp32", out: Tensor | None = None) -> Tensor:
+    """``a @ b.T`` in float32 (``a`` (n, D), ``b`` (m, D), both float32), the score GEMM
+    of the step and of the evaluation at ``precision`` (see :data:`PRECISIONS`).
+
+    ``bf16``: the operands are rounded to bfloat16. On CUDA the product is one
+    bf16 GEMM with float32 accumulation and float32 output (``torch.mm(...,
+    out_dtype=torch.float32)`` where this torch has it); elsewhere the bf16 GEMM's
+    result is cast to float32 (the CPU kernel accumulates in float32 but rounds its
+    output to bf16: a further ~0.4% relative error per score)."""
+    if precision == "fp32":
+        return torch.mm(a, b.T, out=out) if out is not None else a @ b.T
+    if precision != "bf16":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    if _MM_OUT_DTYPE and a.is_cuda:
+        product = torch.mm(a16, b16.T, out_dtype=torch.float32)
+    else:
+        product = torch.mm(a16, b16.T).to(a.dtype)
+    if out is None:
+        return product
+    return out.copy_(product)
 
 
 @dataclass
@@ -97,7 +142,7 @@ def init_weight(num_classes: int, feature_dim: int, seed: int, device="cpu", dty
     return weight.to(device)
 
 
-def in_batch_logits(features: Tensor, labels: Tensor, weight: Tensor) -> InBatch:
+def in_batch_logits(features: Tensor, labels: Tensor, weight: Tensor, precision: str = "fp32") -> InBatch:
     """Relative in-batch logits of a minibatch (see the module docstring).
 
     ``features`` (B, D) of any float dtype (cast to the weight's), ``labels`` (B,)
@@ -109,7 +154,7 @@ def in_batch_logits(features: Tensor, labels: Tensor, weight: Tensor) -> InBatch
     x = features.to(device=weight.device, dtype=weight.dtype)
     classes, label_pos = torch.unique(labels.to(weight.device), sorted=True, return_inverse=True)
     class_weight = weight.index_select(0, classes)
-    scores = x @ class_weight.T
+    scores = matmul_nt(x, class_weight, precision)
     if torch.is_grad_enabled() and scores.requires_grad:
         logits = relative_logits(scores, label_pos)
     else:
@@ -180,7 +225,7 @@ class ClassScan(NamedTuple):
 @torch.no_grad()
 def scan_classes(x: Tensor, weight: Tensor, *, target: Tensor | None = None, labels: Tensor | None = None,
                  k: int = 0, scores_out: Tensor | None = None, class_chunk: int = 32768,
-                 row_chunk: int | None = None, class_offset: int = 0) -> ClassScan:
+                 row_chunk: int | None = None, class_offset: int = 0, precision: str = "fp32") -> ClassScan:
     """THE class-chunk kernel: every full-softmax quantity over all C classes
     (evaluation, ``xcent eval``, the class-sharded evaluation, top-k prediction,
     log-probabilities) is one walk over the classes of ``weight`` in chunks.
@@ -212,7 +257,8 @@ def scan_classes(x: Tensor, weight: Tensor, *, target: Tensor | None = None, lab
     ``row_chunk=None``: all rows at once on an accelerator; on the CPU, blocks of at
     most :data:`CPU_BLOCK` (rows, classes), which measured fastest
     (``benchmarks/evaluate.py``: the block stays in cache across the passes that
-    follow its GEMM)."""
+    follow its GEMM). ``precision``: of the score GEMM (:func:`matmul_nt`); ``target``
+    must then come from :func:`target_logits` at the same precision."""
     n, num_classes = x.shape[0], weight.shape[0]
     want_rank, k = target is not None, min(int(k), num_classes)
     if want_rank and labels is None:
@@ -244,7 +290,7 @@ def scan_classes(x: Tensor, weight: Tensor, *, target: Tensor | None = None, lab
         best_ids = torch.empty(rows, 0, dtype=torch.long, device=dev)
         for c0, c1 in _chunks(num_classes, class_chunk):
             scores = block[:rows, :c1 - c0]
-            torch.mm(xr, weight[c0:c1].T, out=scores)
+            matmul_nt(xr, weight[c0:c1], precision, out=scores)
             if want_rank:
                 at_least = torch.ge(scores, tr, out=flags[:rows, :c1 - c0]).sum(dim=1).long()
                 inside = (yr >= c0) & (yr < c1)
@@ -271,7 +317,8 @@ def scan_classes(x: Tensor, weight: Tensor, *, target: Tensor | None = None, lab
 
 @torch.no_grad()
 def full_softmax_stats(features: Tensor, labels: Tensor, weight: Tensor, class_chunk: int = 32768,
-                       class_offset: int = 0, row_chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                       class_offset: int = 0, row_chunk: int | None = None,
+                       precision: str = "fp32") -> tuple[Tensor, Tensor, Tensor]:
     """Per-row full-softmax statistics over the classes of ``weight`` (the evaluation
     use of :func:`scan_classes`).
 
@@ -281,16 +328,18 @@ def full_softmax_stats(features: Tensor, labels: Tensor, weight: Tensor, class_c
     ``rank_i = #{c != y_i : w_c . x_i >= target_i}``. CE = lse - target; top-k
     correct iff rank < k, i.e. fewer than k other classes score at least as high
     as the true class (ties count against the model). Memory: one
-    (row_chunk, class_chunk) block of scores at a time.
+    (row_chunk, class_chunk) block of scores at a time. ``precision``: of the score
+    GEMMs (:func:`matmul_nt`).
     """
     x = features.to(device=weight.device, dtype=weight.dtype)
     y = labels.to(device=weight.device, dtype=torch.long) - class_offset
-    target = target_logits(x, y, weight)
-    scan = scan_classes(x, weight, target=target, labels=y, class_chunk=class_chunk, row_chunk=row_chunk)
+    target = target_logits(x, y, weight, precision)
+    scan = scan_classes(x, weight, target=target, labels=y, class_chunk=class_chunk, row_chunk=row_chunk,
+                        precision=precision)
     return scan.lse, target, scan.rank
 
 
-def target_logits(x: Tensor, y: Tensor, weight: Tensor) -> Tensor:
+def target_logits(x: Tensor, y: Tensor, weight: Tensor, precision: str = "fp32") -> Tensor:
     """``w_{y_i} . x_i`` for the rows whose (local) label ``y_i`` is a row of
     ``weight``, 0 for the others (a class shard sums these over ranks).
 
@@ -304,6 +353,6 @@ def target_logits(x: Tensor, y: Tensor, weight: Tensor) -> Tensor:
     target = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     if owned.any():
         xo, wo = x[owned], weight.index_select(0, y[owned])
-        parts = [torch.mm(xo[a:b], wo[a:b].T).diagonal() for a, b in _chunks(xo.shape[0], CPU_BLOCK[0])]
+        parts = [matmul_nt(xo[a:b], wo[a:b], precision).diagonal() for a, b in _chunks(xo.shape[0], CPU_BLOCK[0])]
         target[owned] = torch.cat(parts)
     return target

@@ -73,6 +73,9 @@ class TrainConfig:
     data_size: int | None = _help("training rows; inferred, checked if given", default=None)
     epochs: int = _help("passes over the training rows", default=50)
     device: str = _help("cpu, cuda, cuda:N or auto", default="auto")
+    precision: Literal["fp32", "bf16"] = _help(
+        "of the score GEMMs (in-batch and evaluation): bf16 reads bfloat16 operands with float32 accumulation; "
+        "the weight, the duals and the log-sum-exp stay float32", default="fp32")
     out_dir: str = _help("the run goes to OUT_DIR/NAME", default="outputs")
     warmup_epochs: int = _help("epochs of linear learning-rate warmup before the cosine", default=0)
     momentum: float = _help("SGD momentum of the weight rows, exactly torch.optim.SGD's over all C rows while a "

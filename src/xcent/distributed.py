@@ -136,14 +136,15 @@ def all_gather_rows(mine: Tensor, sizes: list[int], group=None) -> Tensor:
 
 @torch.no_grad()
 def sharded_stats(features: Tensor, labels: Tensor, shard: Tensor, lo: int, ctx: DistContext,
-                  class_chunk: int = 32768) -> tuple[Tensor, Tensor, Tensor]:
+                  class_chunk: int = 32768, precision: str = "fp32") -> tuple[Tensor, Tensor, Tensor]:
     """Full-softmax ``(lse, target, rank)`` over all C classes, the classes sharded:
-    every rank passes the same rows and gets the same result."""
+    every rank passes the same rows and gets the same result. ``precision``: of the
+    score GEMMs (:func:`xcent.classifier.matmul_nt`)."""
     x = features.to(device=shard.device, dtype=shard.dtype)
     y_local = labels.to(shard.device, torch.long) - lo
-    target = target_logits(x, y_local, shard)
+    target = target_logits(x, y_local, shard, precision)
     dist.all_reduce(target)
-    scan = scan_classes(x, shard, target=target, labels=y_local, class_chunk=class_chunk)
+    scan = scan_classes(x, shard, target=target, labels=y_local, class_chunk=class_chunk, precision=precision)
     lse_local, rank = scan.lse, scan.rank
     pieces = [torch.empty_like(lse_local) for _ in range(ctx.world_size)]
     dist.all_gather(pieces, lse_local)
@@ -153,7 +154,7 @@ def sharded_stats(features: Tensor, labels: Tensor, shard: Tensor, lo: int, ctx:
 
 @torch.no_grad()
 def sharded_evaluate(split, shard: Tensor, lo: int, ctx: DistContext, rows: Tensor | None = None,
-                     chunk_rows: int = 4096, class_chunk: int = 32768) -> dict:
+                     chunk_rows: int = 4096, class_chunk: int = 32768, precision: str = "fp32") -> dict:
     """:func:`xcent.evaluate.evaluate` with sharded classes: each rank reads a slice of
     every row chunk (all-gathered), the class work is split across ranks."""
     all_rows = torch.arange(split.num_samples) if rows is None else rows
@@ -162,7 +163,8 @@ def sharded_evaluate(split, shard: Tensor, lo: int, ctx: DistContext, rows: Tens
         for start in range(0, all_rows.shape[0], chunk_rows):
             index = all_rows[start:start + chunk_rows]
             feats = gather_batch_rows(split, index, ctx, shard.dtype)
-            yield sharded_stats(feats, split.labels.index_select(0, index), shard, lo, ctx, class_chunk)
+            yield sharded_stats(feats, split.labels.index_select(0, index), shard, lo, ctx, class_chunk,
+                                precision)
 
     return summarize(chunk_stats())
 

@@ -22,12 +22,13 @@ from .errors import UsageError
 
 @torch.no_grad()
 def evaluate(split: Split, weight: Tensor, rows: Tensor | None = None, chunk_rows: int = 4096,
-             class_chunk: int = 32768) -> dict:
+             class_chunk: int = 32768, precision: str = "fp32") -> dict:
     """``{"loss", "top1", "top5", "num_rows"}`` of ``weight`` on ``split`` (or on its
     ``rows``): mean full-softmax CE and top-k accuracy. Reads the split chunk by chunk;
     peak extra memory is one (chunk_rows, class_chunk) block. Never changes any
-    training state."""
-    return summarize(full_softmax_stats(feats, labels, weight, class_chunk)
+    training state. ``precision``: of the score GEMMs
+    (:func:`xcent.classifier.matmul_nt`)."""
+    return summarize(full_softmax_stats(feats, labels, weight, class_chunk, precision=precision)
                      for feats, labels in split.chunks(rows, chunk_rows))
 
 
@@ -48,7 +49,7 @@ def summarize(chunk_stats: Iterable[tuple[Tensor, Tensor, Tensor]]) -> dict:
 
 @torch.no_grad()
 def per_class_stats(split: Split, weight: Tensor, rows: Tensor | None = None, chunk_rows: int = 4096,
-                    class_chunk: int = 32768) -> dict[str, Tensor]:
+                    class_chunk: int = 32768, precision: str = "fp32") -> dict[str, Tensor]:
     """Sums per true class c, each a (C,) CPU tensor: ``rows`` (eval rows of class c),
     ``correct1`` / ``correct5`` (of those, top-1 / top-5 correct over all C classes)
     and ``loss`` (float64 sum of the full-softmax CE ``lse_i - w_{y_i} . x_i``).
@@ -61,7 +62,7 @@ def per_class_stats(split: Split, weight: Tensor, rows: Tensor | None = None, ch
     stats = {key: torch.zeros(num_classes, dtype=torch.long) for key in ("rows", "correct1", "correct5")}
     stats["loss"] = torch.zeros(num_classes, dtype=torch.float64)
     for feats, labels in split.chunks(rows, chunk_rows):
-        lse, target, rank = full_softmax_stats(feats, labels, weight, class_chunk)
+        lse, target, rank = full_softmax_stats(feats, labels, weight, class_chunk, precision=precision)
         y = labels.to(torch.long)
         stats["rows"].index_add_(0, y, torch.ones_like(y))
         stats["correct1"].index_add_(0, y, (rank < 1).long().cpu())

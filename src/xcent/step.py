@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .classifier import InBatch, in_batch_logits, relative_logits_, row_gradient_weights_, sparse_sgd_step
+from .classifier import InBatch, in_batch_logits, matmul_nt, relative_logits_, row_gradient_weights_, sparse_sgd_step
 
 __all__ = ["LazySGD", "StepResult", "effective_group", "sharded_in_batch", "step_ok", "train_step"]
 
@@ -47,7 +47,7 @@ def effective_group(process_group):
 
 
 def sharded_in_batch(features: Tensor, labels: Tensor, shard: Tensor, lo: int = 0,
-                     process_group=None, read_rows=None) -> InBatch:
+                     process_group=None, read_rows=None, precision: str = "fp32") -> InBatch:
     """:func:`xcent.classifier.in_batch_logits` when this process holds only the rows
     ``shard = W[lo : lo + len]``: it scores the batch against the distinct labels it
     owns (columns ``owned`` of the (B, K) logits, rows ``rows`` of ``shard``) and one
@@ -55,24 +55,25 @@ def sharded_in_batch(features: Tensor, labels: Tensor, shard: Tensor, lo: int = 
     passes the same ``features`` and ``labels`` (the global batch) and gets the same
     logits. ``process_group=None``: the single-process path (``lo`` must be 0).
     ``read_rows(shard, rows) -> (n, D)``: how the rows are read (default
-    ``shard.index_select``; :meth:`LazySGD.current` for rows caught up lazily)."""
+    ``shard.index_select``; :meth:`LazySGD.current` for rows caught up lazily).
+    ``precision``: of the score GEMM (:func:`xcent.classifier.matmul_nt`)."""
     group = effective_group(process_group)
     if group is None and lo != 0:
         raise ValueError(f"a single process holds every row: lo must be 0, got {lo}")
     if group is None and read_rows is None:
-        return in_batch_logits(features, labels, shard)
+        return in_batch_logits(features, labels, shard, precision)
     x = features.to(device=shard.device, dtype=shard.dtype)
     classes, label_pos = torch.unique(labels.to(shard.device), sorted=True, return_inverse=True)
     if group is None:
         class_weight = read_rows(shard, classes)
-        scores = relative_logits_(x @ class_weight.T, label_pos)
+        scores = relative_logits_(matmul_nt(x, class_weight, precision), label_pos)
         return InBatch(scores, classes, label_pos, class_weight, x)
     a = int(torch.searchsorted(classes, lo))
     b = int(torch.searchsorted(classes, lo + shard.shape[0]))
     rows = classes[a:b] - lo
     class_weight = shard.index_select(0, rows) if read_rows is None else read_rows(shard, rows)
     scores = torch.zeros(x.shape[0], classes.shape[0], dtype=x.dtype, device=x.device)
-    scores[:, a:b] = x @ class_weight.T
+    scores[:, a:b] = matmul_nt(x, class_weight, precision)
     dist.all_reduce(scores, group=group)
     return InBatch(relative_logits_(scores, label_pos), classes, label_pos, class_weight, x, rows, slice(a, b))
 
@@ -80,7 +81,7 @@ def sharded_in_batch(features: Tensor, labels: Tensor, shard: Tensor, lo: int = 
 @torch.no_grad()
 def train_step(weight: Tensor, loss_fn: nn.Module, features: Tensor, labels: Tensor, index: Tensor,
                lr: float, check_finite: bool = True, *, lo: int = 0, process_group=None,
-               optimizer: LazySGD | None = None) -> StepResult:
+               optimizer: LazySGD | None = None, precision: str = "fp32") -> StepResult:
     """Apply one step of ``loss_fn``'s algorithm to ``weight`` in place.
 
     ``features`` (B, D), ``labels`` (B,), ``index`` (B,) global training-row ids (the
@@ -97,10 +98,15 @@ def train_step(weight: Tensor, loss_fn: nn.Module, features: Tensor, labels: Ten
     only the rows it owns, and ``finite`` is agreed over the group.
 
     ``optimizer``: a :class:`LazySGD` with momentum or weight decay (over this
-    process's rows); None is the spec's plain SGD."""
+    process's rows); None is the spec's plain SGD.
+
+    ``precision``: ``"bf16"`` computes the (B, K) in-batch scores from bfloat16
+    operands with float32 accumulation (:func:`xcent.classifier.matmul_nt`); the
+    duals, the algorithm's arithmetic, the row update GEMM and the weight stay
+    float32."""
     lazy = optimizer is not None and optimizer.lazy
     batch = sharded_in_batch(features, labels, weight, lo, process_group,
-                             read_rows=optimizer.current if lazy else None)
+                             read_rows=optimizer.current if lazy else None, precision=precision)
     if batch.num_distinct < 2:
         return StepResult(True, torch.tensor(float("nan")), True, batch.num_distinct)
     grad_logits = loss_fn.weights(batch.logits, index.to(weight.device))

@@ -146,17 +146,19 @@ class LocalEngine:
         return feats.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def step(self, loss_fn, feats, labels, index, lr):
-        return train_step(self.weight, loss_fn, feats, labels, index, lr, optimizer=self.optimizer)
+        return train_step(self.weight, loss_fn, feats, labels, index, lr, optimizer=self.optimizer,
+                          precision=self.c.precision)
 
     def flush(self) -> None:
         self.optimizer.flush(self.weight)
 
     def batch_full_ce_sum(self, feats, labels) -> float:
-        lse, target, _ = full_softmax_stats(feats, labels, self.weight)
+        lse, target, _ = full_softmax_stats(feats, labels, self.weight, precision=self.c.precision)
         return float((lse - target).double().sum())
 
     def evaluate(self, split, rows=None) -> dict:
-        return evaluate(split, self.weight, rows=rows, chunk_rows=self.c.eval_chunk_rows)
+        return evaluate(split, self.weight, rows=rows, chunk_rows=self.c.eval_chunk_rows,
+                        precision=self.c.precision)
 
     def save(self, run: RunDir, epoch: int, meta: dict) -> Path:
         path = run.checkpoints / f"epoch_{epoch}.pt"
@@ -187,18 +189,19 @@ class ShardedEngine:
 
     def step(self, loss_fn, feats, labels, index, lr):
         return train_step(self.weight, loss_fn, feats, labels, index, lr, lo=self.lo, process_group=self.ctx.group,
-                          optimizer=self.optimizer)
+                          optimizer=self.optimizer, precision=self.c.precision)
 
     def flush(self) -> None:
         self.optimizer.flush(self.weight)
 
     def batch_full_ce_sum(self, feats, labels) -> float:
-        lse, target, _ = self.xd.sharded_stats(feats, labels, self.weight, self.lo, self.ctx)
+        lse, target, _ = self.xd.sharded_stats(feats, labels, self.weight, self.lo, self.ctx,
+                                               precision=self.c.precision)
         return float((lse - target).double().sum())
 
     def evaluate(self, split, rows=None) -> dict:
         return self.xd.sharded_evaluate(split, self.weight, self.lo, self.ctx, rows=rows,
-                                        chunk_rows=self.c.eval_chunk_rows)
+                                        chunk_rows=self.c.eval_chunk_rows, precision=self.c.precision)
 
     def save(self, run: RunDir, epoch: int, meta: dict) -> Path:
         return ckpt_io.save_sharded(self.ctx, run.checkpoints, epoch, self.weight, self.lo, self.hi, meta)

@@ -32,6 +32,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", type=str, default="auto")
     p.add_argument("--chunk-rows", type=int, default=4096)
     p.add_argument("--class-chunk", type=int, default=32768)
+    p.add_argument("--precision", type=str, default="fp32", choices=["fp32", "bf16"],
+                   help="of the score GEMMs: bf16 reads bfloat16 operands with float32 accumulation")
     p.add_argument("--buckets", type=bool, default=True,
                    help="break metrics down by train frequency (head/torso/tail thirds of the classes, unseen)")
     p.add_argument("--json", type=bool, nargs="?", const=True, default=False,
@@ -51,7 +53,7 @@ def main(argv: list[str]) -> int:
     device = resolve_device(a.device)
     with ThreadPolicy.use(ThreadPolicy(a.threads).eval_threads()):
         stats = per_class_stats(data.splits[a.split], weight.to(device, torch.float32), chunk_rows=a.chunk_rows,
-                                class_chunk=a.class_chunk)
+                                class_chunk=a.class_chunk, precision=a.precision)
     overall = _aggregate(stats)
     metrics = {"checkpoint": str(Path(a.checkpoint)), "split": a.split, "epoch": meta["epoch"],
                "num_classes": int(weight.shape[0]), **overall}
