@@ -198,6 +198,7 @@ def test_exclusive_lock_names_the_holder_and_dies_with_it(tmp_path):
     with exclusive_lock(target, "run"):
         assert lock_path(target).read_text().strip() == str(os.getpid())
     assert not target.exists()  # the lock lives beside the output, never inside it
+    assert not lock_path(target).exists()  # and goes with its release
 
 
 # ----------------------------------------------------------------------------- bad values
@@ -311,30 +312,160 @@ def test_replacement_keeps_the_old_run_until_committed(tmp_path):
 
 def test_changed_settings_lists_each_difference():
     saved = {"lr": 2.0, "seed": 1, "batch_size": 32, "epochs": 5, "warmup_epochs": 0, "gamma": 0.1,
-             "softplus_rho": 1.0, "umax_delta": 0.5}
-    assert changed_settings(saved, dict(saved, epochs=9), "scent") == []  # extending is allowed
-    assert changed_settings(saved, dict(saved, softplus_rho=2.0), "scent") == []  # not a scent setting
+             "softplus_rho": 1.0, "umax_delta": None}
+    assert changed_settings(saved, dict(saved, epochs=9), ("lr", "gamma")) == []  # extending is allowed
+    assert changed_settings(saved, dict(saved, softplus_rho=2.0), ("lr", "gamma")) == []  # not this algorithm's
     now = dict(saved, lr=3.0, seed=2, epochs=4, softplus_rho=2.0)
-    assert changed_settings(saved, now, "softplus") == [("lr", 2.0, 3.0), ("seed", 1, 2), ("epochs", 5, 4),
-                                                         ("softplus_rho", 1.0, 2.0)]
+    assert changed_settings(saved, now, ("lr", "gamma", "softplus_rho")) == [
+        ("seed", 1, 2), ("epochs", 5, 4), ("lr", 2.0, 3.0), ("softplus_rho", 1.0, 2.0)]
 
 
+# ----------------------------------------------------------------------------- the trainer
 
-def test_split_on_a_full_disk_exits_2_and_reruns(small_fs, tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    src = tmp_path / "extracted"
-    src.mkdir()
-    np.save(src / "features.npy", rng.standard_normal((3000, 64)).astype(np.float32))  # 768 KiB
-    np.save(src / "labels.npy", rng.integers(0, 30, 3000))
-    np.save(src / "is_cached.npy", np.ones(3000, dtype=bool))
-    filler = small_fs / "filler"
-    with open(filler, "wb") as f:  # leave ~300 KiB: the split's features do not fit
-        f.write(b"\0" * (2 * 1024 * 1024 - 300 * 1024))
-    args = ["split", "--in", str(src), "--out", str(small_fs / "split")]
-    code, err = run_cli(capsys, args)
+
+def train_args(data, out, name, *extra):
+    return ["train", "--data-dir", str(data), "--out-dir", str(out), "--name", name, "--batch-size", "16",
+            *map(str, extra)]
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--train-eval-size", "-1"], "--train-eval-size -1"),
+    (["--eval-chunk-rows", "0"], "--eval-chunk-rows 0"),
+    (["--name", "../x"], "--name '../x'"),
+])
+def test_bad_train_values_are_refused(tmp_path, capsys, flags, needle):
+    data = small_data(tmp_path / "d")
+    code, err = run_cli(capsys, ["train", "--data-dir", str(data), "--out-dir", str(tmp_path / "o"), *flags])
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()
+
+
+def test_failed_overwrite_keeps_the_old_run(tmp_path, capsys):
+    data = small_data(tmp_path / "d")
+    out = tmp_path / "o"
+    assert cli.main(train_args(data, out, "r", "--epochs", 2)) == 0
+    before = snapshot(out / "r")
+    # refused by validation: nothing moves
+    code, _ = run_cli(capsys, train_args(data, out, "r", "--overwrite", "--eval-chunk-rows", 0))
+    assert code == 2 and snapshot(out / "r") == before
+    # fails after the old run was moved aside (diverges in epoch 1, before any checkpoint): restored
+    code, err = run_cli(capsys, train_args(data, out, "r", "--overwrite", "--epochs", 2, "--lr", 1e6,
+                                           "--algorithm", "sox"))
+    assert code == 3 and "diverged" in err[-1]
+    assert snapshot(out / "r") == before and not replaced_path(out / "r").exists()
+    # succeeds: the old run is gone once the new one has its first checkpoint
+    assert cli.main(train_args(data, out, "r", "--overwrite", "--epochs", 1, "--seed", 7)) == 0
+    assert not replaced_path(out / "r").exists()
+    assert sorted(p.name for p in (out / "r" / "checkpoints").iterdir()) == ["epoch_1.pt"]
+
+
+def test_second_trainer_on_a_run_exits_2_naming_the_holder(tmp_path, capsys):
+    data = small_data(tmp_path / "d")
+    out = tmp_path / "o"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out / "r")], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=SRC))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, err = run_cli(capsys, train_args(data, out, "r", "--epochs", 1))
+        assert code == 2 and len(err) == 1 and f"in use by process {holder.pid}" in err[0], err
+        assert not (out / "r").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.main(train_args(data, out, "r", "--epochs", 1)) == 0
+
+
+def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path, capsys):
+    data = small_data(tmp_path / "d")
+    out = tmp_path / "o"
+    assert cli.main(train_args(data, out, "r", "--epochs", 2, "--lr", 2.0)) == 0
+    before = snapshot(out / "r")
+    code, err = run_cli(capsys, train_args(data, out, "r", "--epochs", 3, "--lr", 3.0, "--seed", 5,
+                                           "--resume", "latest"))
+    assert code == 2 and len(err) == 1, err
+    assert "--lr 2.0 (run) vs 3.0 (now)" in err[0] and "--seed 42 (run) vs 5 (now)" in err[0]
+    assert "--allow-changed-settings" in err[0] and "--epochs" not in err[0].split("differ")[1]
+    assert snapshot(out / "r") == before
+    assert cli.main(train_args(data, out, "r", "--epochs", 3, "--lr", 3.0, "--resume", "latest",
+                               "--allow-changed-settings")) == 0
+    assert cli.main(train_args(data, out, "r", "--epochs", 4, "--lr", 3.0, "--resume", "latest")) == 0  # longer
+    records = read_records(out / "r" / "eval_r.jsonl")[0]
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3, 4]
+
+
+def test_resume_drops_a_torn_line_and_epochs_past_the_checkpoint(tmp_path, capsys):
+    data = small_data(tmp_path / "d")
+    out = tmp_path / "o"
+    assert cli.main(train_args(data, out, "r", "--epochs", 3)) == 0
+    (out / "r" / "checkpoints" / "epoch_3.pt").unlink()
+    with open(out / "r" / "eval_r.jsonl", "a") as f:
+        f.write('{"epoch": 4, "val_lo')  # a crash mid-line (before appends were all-or-nothing)
+    capsys.readouterr()
+    assert cli.main(train_args(data, out, "r", "--epochs", 3, "--resume", "latest")) == 0
+    err = capsys.readouterr().err
+    assert "torn last line" in err and "past the resumed checkpoint" in err
+    lines = (out / "r" / "eval_r.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2, 3]
+
+
+def test_train_on_a_full_disk_exits_2_and_resumes_with_nothing_lost(small_fs, tmp_path, capsys):
+    data = small_data(tmp_path / "d", n=120, dim=16, classes=40)
+    out = small_fs / "o"
+    assert cli.main(train_args(data, out, "r", "--epochs", 1)) == 0
+    filler = fill(small_fs)
+    code, err = run_cli(capsys, train_args(data, out, "r", "--epochs", 3, "--resume", "latest"))
     assert code == 2 and len(err) == 1 and "no space left on device while writing" in err[0], err
-    assert str(small_fs) in err[0]
+    assert str(out / "r") in err[0]
     filler.unlink()
-    assert cli.main(args) == 0
-    parts = [np.load(small_fs / "split" / s / "rows.npy") for s in ("train", "val", "test")]
-    assert sorted(np.concatenate(parts).tolist()) == list(range(3000))
+    assert cli.main(train_args(data, out, "r", "--epochs", 3, "--resume", "latest")) == 0
+    assert [r["epoch"] for r in read_records(out / "r" / "eval_r.jsonl")[0]] == [0, 1, 2, 3]
+    assert cli.main(train_args(data, tmp_path / "ref", "r", "--epochs", 3)) == 0  # the same run without the fault
+    a = torch.load(out / "r" / "checkpoints" / "epoch_3.pt", weights_only=True)["weight"]
+    b = torch.load(tmp_path / "ref" / "r" / "checkpoints" / "epoch_3.pt", weights_only=True)["weight"]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("algorithm", ["sox", "bsgd", "softplus", "umax"])
+def test_finite_blow_up_is_divergence(tiny_data, tmp_path, capsys, algorithm):
+    """At --lr 1e6 these stayed finite and exited 0 with val CE ~1e4..1e6 (log C = 4.1)."""
+    code, err = run_cli(capsys, train_args(tiny_data, tmp_path, "r", "--algorithm", algorithm, "--lr", 1e6,
+                                           "--epochs", 2, "--batch-size", 32))
+    assert code == 3 and "diverged" in err[-1] and "train CE" in err[-1], err
+    for path in (tmp_path / "r" / "checkpoints").glob("epoch_*.pt"):  # any "last good" one passes the rule
+        epoch = int(path.stem.split("_")[1])
+        record = next(r for r in read_records(tmp_path / "r" / "eval_r.jsonl")[0] if r["epoch"] == epoch)
+        assert check_divergence(record, 60) is None
+
+
+@pytest.mark.parametrize("algorithm", ["scent", "sox", "asgd", "softplus", "umax", "bsgd"])
+def test_healthy_runs_never_trip_the_divergence_rule(tiny_data, tmp_path, algorithm):
+    assert cli.main(train_args(tiny_data, tmp_path, "r", "--algorithm", algorithm, "--epochs", 4,
+                               "--batch-size", 32)) == 0
+    records = read_records(tmp_path / "r" / "eval_r.jsonl")[0]
+    assert len(records) == 5
+    # a wide margin, not a near miss: the train CE never rises above the untrained model's log C
+    assert max(r["train_loss"] for r in records) <= math.log(60) * 1.05 < divergence_bound(60) / 5
+
+
+@pytest.mark.parametrize("command", ["split", "compare"])
+def test_other_outputs_are_locked_too(tmp_path, capsys, command):
+    """xcent split/compare hold their output's lock while writing: a second writer exits 2. (xcent extract
+    takes the same lock, `xcent.extract.run.extract_features`; its test needs the shard fixtures.)"""
+    out = tmp_path / "out"
+    if command == "split":
+        src = tmp_path / "extracted"
+        src.mkdir()
+        np.save(src / "features.npy", np.zeros((30, 4), dtype=np.float32))
+        np.save(src / "labels.npy", np.arange(30) % 3)
+        np.save(src / "is_cached.npy", np.ones(30, dtype=bool))
+        args = ["split", "--in", str(src), "--out", str(out)]
+    else:
+        args = ["compare", "--data-dir", str(small_data(tmp_path / "d")), "--out-dir", str(out),
+                "--algorithms", "scent", "--epochs", "1"]
+    with exclusive_lock(out, "x"):
+        code, err = run_cli(capsys, args)
+    assert code == 2 and len(err) == 1 and f"{out} is in use by process {os.getpid()}" in err[0], err

@@ -32,6 +32,7 @@ from . import losses
 from .device import parse_threads
 from .errors import UsageError
 from .loggers import check_available
+from .rundir import check_run_name
 
 __all__ = [
     "LOGGERS",
@@ -94,7 +95,12 @@ class TrainConfig:
     train_eval_size: int = _help("rows for --train-loss subset; 0 = all", default=20000)
     eval_chunk_rows: int = _help("rows per evaluation chunk", default=4096)
     check_features: bool = _help("scan features for NaN/Inf on load", default=True)
-    overwrite: bool = _help("replace an existing run in OUT", default=False)
+    overwrite: bool = _help("replace an existing run in OUT (kept aside until the new run's first checkpoint, "
+                            "restored if the new run fails before it)", default=False)
+    allow_changed_settings: bool = _help(
+        "with --resume: accept settings that differ from the run's (--lr, --seed, --batch-size, fewer --epochs, "
+        "--warmup-epochs, the algorithm's hyper-parameters); without it they are refused. More --epochs is "
+        "always accepted", default=False)
     low_memory: bool = _help("unmap feature pages after every batch (.npy splits): peak RSS stays near the "
                              "weight instead of growing to the split's size, at about 0.3 ms per step",
                              default=False)
@@ -325,6 +331,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.log_every_steps < 0:
         raise UsageError(f"--log-every-steps {c.log_every_steps}: must be >= 0 (0: no step log)")
     parse_threads(c.threads)
+    if c.train_eval_size < 0:
+        raise UsageError(f"--train-eval-size {c.train_eval_size}: must be >= 0 (0 = all training rows)")
+    if c.eval_chunk_rows < 1:
+        raise UsageError(f"--eval-chunk-rows {c.eval_chunk_rows}: must be at least 1")
+    if c.name is not None:
+        check_run_name(c.name)
     keys = _hparam_keys()
     try:
         own = losses.resolve_hparams(algorithm, {k: c.hparams.get(k) for k in keys})

@@ -9,7 +9,8 @@ translation of a full disk or a read-only directory into one error naming the pa
   split or extraction directory) through ``fcntl.flock`` on a lock file *beside* the
   output (``.NAME.lock``), so the output itself can be renamed aside or into place
   while locked. The kernel drops the lock when its process dies, so a killed run
-  never leaves a stale lock; the file keeps the holder's PID for the message.
+  never leaves a stale lock (only an unlocked file, reused by the next holder); the
+  file keeps the holder's PID for the message and is removed on release.
   Hand-written because the standard ``fcntl`` is all it takes (the ``filelock``
   package adds nothing here and does not report the holder).
 * :func:`reserve` / :func:`open_memmap_reserved`: a write into a memory-mapped file
@@ -29,7 +30,7 @@ import errno
 import fcntl
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import UsageError
@@ -217,19 +218,28 @@ class ExclusiveLock:
 
     def acquire(self) -> ExclusiveLock:
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        with writing(self.file):
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        while True:
+            with writing(self.file):
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f"process {holder}" if holder.isdigit() else "another process"
+                raise UsageError(f"{self.what} {self.path} is in use by {who} (lock {self.file}); "
+                                 f"wait for it to finish or stop it") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # the holder before us unlinks the file on release: if we locked that old
+            # file, the name now points elsewhere (or nowhere); lock the current one
+            try:
+                if os.stat(self.file).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            who = f"process {holder}" if holder.isdigit() else "another process"
-            raise UsageError(f"{self.what} {self.path} is in use by {who} (lock {self.file}); "
-                             f"wait for it to finish or stop it") from None
-        except BaseException:
-            os.close(fd)
-            raise
         try:
             with writing(self.file):  # the PID is only for the message: write it in place
                 os.ftruncate(fd, 0)
@@ -240,9 +250,11 @@ class ExclusiveLock:
         return self
 
     def release(self) -> None:
-        # the lock file stays: unlinking it would let a third process lock a new inode
-        # while a second one still waits on the old one
+        # unlinked while still locked, so no file is left beside the output; a process
+        # that opened the old file meanwhile notices (acquire's inode check)
         if self._fd is not None:
+            with suppress(OSError):  # a read-only filesystem: the empty lock file stays, harmless
+                self.file.unlink()
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 

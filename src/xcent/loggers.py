@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import UsageError
+from .fileio import append_line_durable
 
 __all__ = ["MetricLogger", "JsonlLogger", "TensorBoardLogger", "MultiLogger", "check_available", "read_jsonl"]
 
@@ -64,6 +65,9 @@ class JsonlLogger:
         self.log_dict({name: value}, step)
 
     def log_dict(self, payload: Mapping, step: int) -> None:
+        if self.fsync:  # all or nothing: a crash or a full disk never leaves a torn line
+            append_line_durable(self.path, json.dumps({self.step_key: step, **payload}))
+            return
         if self._file is None:
             self._file = open(self.path, "a")  # noqa: SIM115  (kept open between records, closed in close())
         self._file.write(json.dumps({self.step_key: step, **payload}) + "\n")

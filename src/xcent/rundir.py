@@ -25,11 +25,9 @@ from pathlib import Path
 
 from .errors import UsageError
 
-#: settings that shape the trajectory: resuming with another value needs --allow-changed-settings
-RESUME_SETTINGS = ("lr", "seed", "batch_size", "epochs", "warmup_epochs", "gamma")
-#: hyper-parameters of one algorithm only (the others ignore them)
-ALGORITHM_SETTINGS = {"softplus": ("softplus_rho",), "umax": ("umax_delta",)}
-
+#: settings that shape the trajectory besides the algorithm's own hyper-parameters (``lr``
+#: included, from the registry): resuming with another value needs --allow-changed-settings
+RESUME_SETTINGS = ("seed", "batch_size", "epochs", "warmup_epochs", "momentum", "weight_decay")
 
 def check_run_name(name: str) -> None:
     """``--name`` must be a single directory name inside ``--out-dir``."""
@@ -140,13 +138,13 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def changed_settings(saved: dict, current: dict, algorithm: str) -> list[tuple[str, object, object]]:
-    """``(key, saved value, current value)`` for each trajectory setting (see
-    :data:`RESUME_SETTINGS`, plus the algorithm's own hyper-parameters) that differs.
-    ``epochs`` is listed only when it shrinks: extending a run is the legitimate change."""
-    keys = RESUME_SETTINGS + ALGORITHM_SETTINGS.get(algorithm, ())
+def changed_settings(saved: dict, current: dict, hparam_keys=()) -> list[tuple[str, object, object]]:
+    """``(key, saved value, current value)`` for each trajectory setting that differs:
+    :data:`RESUME_SETTINGS` and ``hparam_keys`` (the algorithm's, e.g. ``("lr",
+    "gamma")``). ``epochs`` is listed only when it shrinks: extending a run is the
+    legitimate change."""
     changed = []
-    for key in keys:
+    for key in (*RESUME_SETTINGS, *hparam_keys):
         if key not in saved or key not in current:
             continue
         old, new = saved[key], current[key]
@@ -155,7 +153,6 @@ def changed_settings(saved: dict, current: dict, algorithm: str) -> list[tuple[s
         if not _same(old, new):
             changed.append((key, old, new))
     return changed
-
 
 def describe_changes(changed: list[tuple[str, object, object]]) -> str:
     """``--lr 2.0 (run) vs 3.0 (now), --seed 1 (run) vs 2 (now)``."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,11 +26,14 @@ from .classifier import full_softmax_stats, init_weight
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .device import ThreadPolicy, resolve_device
+from .divergence import check_divergence
 from .errors import DivergenceError, UsageError
 from .evaluate import evaluate
-from .fileio import write_text_atomic
-from .loggers import JsonlLogger, MultiLogger, TensorBoardLogger, read_jsonl
+from .fileio import exclusive_lock, write_text_atomic
+from .loggers import JsonlLogger, MultiLogger, TensorBoardLogger
 from .losses import build
+from .losses import get as get_algorithm
+from .rundir import Replacement, changed_settings, describe_changes, read_records, recover_replaced
 from .step import LazySGD, train_step
 
 log = logging.getLogger("xcent")
@@ -94,8 +96,14 @@ class RunDir:
     def holds_run(self) -> bool:
         return self.jsonl.exists() or bool(ckpt_io.epoch_checkpoints(self.checkpoints))
 
-    def read_jsonl(self) -> list[dict]:
-        return read_jsonl(self.jsonl)
+    def read_jsonl(self, upto_epoch: int | None = None, path: Path | None = None) -> list[dict]:
+        """The epoch records (or those of ``path``) up to ``upto_epoch``; a torn last line
+        or records past it are dropped with a warning (:func:`xcent.rundir.read_records`)."""
+        records, warnings = read_records(path or self.jsonl, upto_epoch)
+        for warning in warnings:
+            log.warning(warning)
+            print(f"xcent train: warning: {warning}", file=sys.stderr)
+        return records
 
     def write_jsonl(self, records: list[dict], path: Path | None = None) -> None:
         write_text_atomic(path or self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
@@ -291,6 +299,25 @@ def _train(c, data, device, ctx, echo) -> dict:
     if not is_main:
         echo = lambda *_: None  # noqa: E731  rank-0 discipline
     run = RunDir(c.out_dir, c.name)
+    # one writer per run directory; the kernel releases the lock if this process dies
+    lock = exclusive_lock(run.path, "run").acquire() if is_main else None
+    try:
+        return _train_locked(c, data, device, ctx, echo, run, is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _has_checkpoint(path: Path) -> bool:
+    return bool(ckpt_io.epoch_checkpoints(Path(path) / "checkpoints"))
+
+
+def _train_locked(c, data, device, ctx, echo, run, is_main) -> dict:
+    if is_main and (note := recover_replaced(run.path, _has_checkpoint)):
+        log.warning(note)
+        echo(f"xcent train: {note}")
+    if ctx is not None:
+        ctx.barrier()  # rank 0 has recovered an interrupted --overwrite before anyone looks
     resume_ckpt, resume_path = None, None
     if c.resume:
         resume_path = ckpt_io.latest(run.checkpoints) if c.resume == "latest" else Path(c.resume)
@@ -302,37 +329,52 @@ def _train(c, data, device, ctx, echo) -> dict:
         if resume_ckpt["epoch"] >= c.epochs:
             raise UsageError(f"--resume {resume_path}: already at epoch {resume_ckpt['epoch']} "
                              f"of --epochs {c.epochs}")
+        changed = changed_settings(resume_ckpt["config"], c.to_dict(), get_algorithm(c.algorithm).keys)
+        if changed and not c.allow_changed_settings:
+            raise UsageError(f"--resume {resume_path}: settings differ from the run's: {describe_changes(changed)}; "
+                             f"pass --allow-changed-settings to resume with them")
+        if is_main and c.epochs != resume_ckpt["config"].get("epochs"):
+            echo(f"xcent train: --epochs {resume_ckpt['config'].get('epochs')} -> {c.epochs}: epochs "
+                 f"{resume_ckpt['epoch'] + 1}.. follow the schedule of a {c.epochs}-epoch run")
         c = c.replace(resume=str(resume_path))
     elif run.holds_run() and not c.overwrite:
         raise UsageError(f"{run.path} already holds a run; pass --resume latest to continue it "
                          f"or --overwrite to replace it")
+    c = c.replace(num_classes=data.num_classes, feature_dim=data.feature_dim, data_size=data.train.num_samples)
+    # the weight is allocated (or read) before OUT changes: a failure here leaves an old run as it was
+    engine = (LocalEngine(data, device, c, resume_path) if ctx is None
+              else ShardedEngine(data, device, c, resume_path, ctx))
     if ctx is not None:
         ctx.barrier()  # every rank has checked OUT before rank 0 changes it
-    c = c.replace(num_classes=data.num_classes, feature_dim=data.feature_dim, data_size=data.train.num_samples)
-    handler = None
-    if is_main:
-        if not c.resume and run.holds_run():  # --overwrite
-            shutil.rmtree(run.checkpoints, ignore_errors=True)
-            shutil.rmtree(run.tensorboard, ignore_errors=True)
-            for path in (run.jsonl, run.steps, run.log):
-                path.unlink(missing_ok=True)
-        run.path.mkdir(parents=True, exist_ok=True)
-        ckpt_io.clean_stale_temp(run.checkpoints)
-        handler = _attach_log_file(run.log)
-        run.config.write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
-    if ctx is not None:
-        ctx.barrier()
+    handler, replacement = None, None
     try:
-        engine = (LocalEngine(data, device, c, resume_path) if ctx is None
-                  else ShardedEngine(data, device, c, resume_path, ctx))
-        return _train_loop(c, data, engine, run, resume_ckpt, echo)
+        if is_main:
+            if not c.resume and run.path.exists():  # --overwrite: kept aside until the first checkpoint
+                replacement = Replacement(run.path)
+                replacement.begin()
+            run.path.mkdir(parents=True, exist_ok=True)
+            ckpt_io.clean_stale_temp(run.checkpoints)
+            handler = _attach_log_file(run.log)
+            write_text_atomic(run.config, yaml.safe_dump(c.to_dict(), sort_keys=False))
+        if ctx is not None:
+            ctx.barrier()
+        return _train_loop(c, data, engine, run, resume_ckpt, echo,
+                           on_saved=replacement.commit if replacement is not None else None)
+    except BaseException:
+        if replacement is not None:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
+                handler = None
+            replacement.rollback()  # no-op once the new run has a checkpoint
+        raise
     finally:
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
 
 
-def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dict:
+def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo, on_saved=None) -> dict:
     num_samples, batch_size = data.train.num_samples, c.batch_size
     is_main = engine.is_main
     loss_fn = build_loss(c, num_samples)
@@ -340,10 +382,10 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
         loss_fn.load_state_dict({"nu": resume_ckpt["nu"], "nu_set": resume_ckpt["nu_set"]})
         start_epoch, best = resume_ckpt["epoch"] + 1, dict(resume_ckpt["best"])
         torch.set_rng_state(resume_ckpt["rng_state"])
-        records = [r for r in run.read_jsonl() if r["epoch"] <= resume_ckpt["epoch"]]
+        records = run.read_jsonl(resume_ckpt["epoch"]) if is_main else []
         if is_main:
             run.write_jsonl(records)
-            run.write_jsonl([r for r in read_jsonl(run.steps) if r["epoch"] <= resume_ckpt["epoch"]], run.steps)
+            run.write_jsonl(run.read_jsonl(resume_ckpt["epoch"], run.steps), run.steps)
             log.info("resumed from %s at epoch %d", c.resume, resume_ckpt["epoch"])
     else:
         start_epoch, best, records = 1, {}, []
@@ -361,7 +403,7 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo) -> dic
     epoch_log, step_log = _loggers(c, run, is_main, steps_per_epoch, start_epoch)
     try:
         return _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, steps_per_epoch,
-                       epoch_log, step_log, echo)
+                       epoch_log, step_log, echo, on_saved)
     finally:
         epoch_log.close()
         step_log.close()
@@ -404,7 +446,7 @@ def _step_record(loss_fn, result, nu_old, first, nu_index) -> dict:
 
 
 def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, steps_per_epoch, epoch_log,
-            step_log, echo) -> dict:
+            step_log, echo, on_saved=None) -> dict:
     num_samples, batch_size, epochs, is_main = data.train.num_samples, c.batch_size, c.epochs, engine.is_main
     every = c.log_every_steps if is_main else 0
     threads = ThreadPolicy(c.threads)
@@ -476,6 +518,11 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
         with ThreadPolicy.use(threads.eval_threads()):
             metrics, eval_s = _epoch_metrics(data, engine, subset, running)
             metrics["epoch"] = epoch
+            if (why := check_divergence(metrics, data.num_classes)) is not None:
+                # before logging or saving: the last checkpoint is always one that passed the rule
+                raise DivergenceError(
+                    f"training diverged at epoch {epoch} ({c.algorithm}, lr {lr:.4g}): {why}; lower --lr. "
+                    f"Last good checkpoint: {ckpt_io.latest(run.checkpoints) or 'none'}")
             eval_s += _update_best(best, metrics, data, engine)
         if skipped and is_main:
             log.warning("epoch %d: %d step(s) skipped (batch with a single label)", epoch, skipped)
@@ -485,5 +532,8 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
                       "skipped_steps": skipped, "eval_seconds": eval_s})
         if epoch % c.save_frequency == 0 or epoch == epochs:
             _save(run, engine, loss_fn, epoch, best, c, data)
+            if on_saved is not None and is_main:
+                on_saved()  # --overwrite: the replaced run may go now
+                on_saved = None
     echo(f"outputs: {run.path} (eval_{run.name}.jsonl, checkpoints/, config.yaml, out.log)")
     return records[-1]

@@ -31,6 +31,7 @@ from ..compare.report import (
 from ..compare.run import execute
 from ..config import parse_error_line
 from ..errors import UsageError
+from ..fileio import exclusive_lock
 
 __all__ = ["compare_main", "compare_parser", "plan_from_argv", "plot_main", "plot_parser"]
 
@@ -133,10 +134,11 @@ def plan_from_argv(argv: list[str]) -> Plan:
 def compare_main(argv: list[str]) -> int:
     start = time.perf_counter()
     plan = plan_from_argv(argv)
-    states = execute(plan)
-    summary = summarize(plan)
-    summary["wall_seconds"] = time.perf_counter() - start
-    paths = write_outputs(summary, plan.out_dir)
+    with exclusive_lock(plan.out_dir, "comparison"):  # one xcent compare per --out-dir
+        states = execute(plan)
+        summary = summarize(plan)
+        summary["wall_seconds"] = time.perf_counter() - start
+        paths = write_outputs(summary, plan.out_dir)
     print()
     print(summary_table(summary))
     failed = [n for n, s in states.items() if s != "done"]

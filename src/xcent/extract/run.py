@@ -29,7 +29,7 @@ import torch
 
 from ..device import resolve_device
 from ..errors import UsageError
-from ..fileio import write_text_atomic
+from ..fileio import exclusive_lock, write_text_atomic
 from .backbones import ARCHS, build_backbone
 from .batches import ShardBatches
 from .datasets import DatasetOptions, get_dataset
@@ -135,19 +135,20 @@ def extract_features(cfg: ExtractConfig) -> dict:
     FeatureStore.check(cfg.out_dir, cfg.data_size, cfg.feature_dim, cfg.dtype)
     backbone = build_backbone(arch, cfg.pretrained_path, cfg.feature_dim, device)
 
-    store = FeatureStore.open(cfg.out_dir, cfg.data_size, cfg.feature_dim, cfg.dtype)
-    write_text_atomic(os.path.join(cfg.out_dir, "extract.json"), json.dumps(settings, indent=2) + "\n")
-    if rows_of.classes is not None:  # known up front: a partial extraction can be split too
-        _write_classes(cfg.out_dir, rows_of.classes)
+    with exclusive_lock(cfg.out_dir, "extraction output"):  # one writer per store
+        store = FeatureStore.open(cfg.out_dir, cfg.data_size, cfg.feature_dim, cfg.dtype)
+        write_text_atomic(os.path.join(cfg.out_dir, "extract.json"), json.dumps(settings, indent=2) + "\n")
+        if rows_of.classes is not None:  # known up front: a partial extraction can be split too
+            _write_classes(cfg.out_dir, rows_of.classes)
 
-    summary = run_extraction(store, shards, rows_of, backbone, cfg, device)
+        summary = run_extraction(store, shards, rows_of, backbone, cfg, device)
 
-    _write_classes(cfg.out_dir, rows_of.class_names(store.max_label()))
-    if cfg.save_pt:
-        store.save_pt()
-    settings["last_run"] = summary
-    write_text_atomic(os.path.join(cfg.out_dir, "extract.json"), json.dumps(settings, indent=2) + "\n")
-    return summary
+        _write_classes(cfg.out_dir, rows_of.class_names(store.max_label()))
+        if cfg.save_pt:
+            store.save_pt()
+        settings["last_run"] = summary
+        write_text_atomic(os.path.join(cfg.out_dir, "extract.json"), json.dumps(settings, indent=2) + "\n")
+        return summary
 
 
 def run_extraction(store: FeatureStore, shards: list[str], rows_of, backbone, cfg: ExtractConfig, device: str) -> dict:

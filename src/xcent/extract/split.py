@@ -35,7 +35,7 @@ import os
 import numpy as np
 
 from ..errors import UsageError
-from ..fileio import atomic_dir, atomic_path, open_memmap_reserved, write_text_atomic
+from ..fileio import atomic_dir, atomic_path, exclusive_lock, open_memmap_reserved, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -286,7 +286,7 @@ def make_split(
         "not_cached": int(len(labels) - len(rows)),
         **coverage,
     }
-    with atomic_dir(out_dir) as tmp:
+    with exclusive_lock(out_dir, "split output"), atomic_dir(out_dir) as tmp:  # one writer per output
         for name in SPLITS:
             write_split(str(tmp), name, features, all_labels, parts[name], fmt)
         if classes is not None:
