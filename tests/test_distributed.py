@@ -123,3 +123,56 @@ def test_dead_rank_fails_the_job_quickly(dist_data):
     assert proc.returncode != 0
     assert elapsed < 60
     assert "exitcode" in proc.stderr and "17" in proc.stderr  # torchrun names the failed rank and its code
+
+
+def test_momentum_two_processes_equal_one_and_resume(dist_data):
+    """--momentum / --weight-decay under torchrun: each rank's momentum rows go into its
+    shard file (checksummed), and a resume with another process count reads them back."""
+    out = dist_data / "out"
+    opts = ["--momentum", "0.9", "--weight-decay", "1e-4"]
+    single(dist_data, "m1", *opts)
+    args = ["--data-dir", str(dist_data / "data"), "--out-dir", str(out), "--name", "m2", *COMMON, *opts]
+    proc = torchrun(2, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shard = torch.load(out / "m2" / "checkpoints" / "epoch_2" / "shard_00001.pt", weights_only=True)
+    assert shard["momentum_buffer"].shape == (22, 8) and "momentum_buffer" in shard["checksums"]
+    assert_same_run(out / "m1", out / "m2")
+    a = ckpt_io.load(out / "m1" / "checkpoints" / "epoch_2.pt")
+    b = ckpt_io.load(out / "m2" / "checkpoints" / "epoch_2")  # the shards' buffers, assembled
+    assert a["momentum_buffer"].abs().max() > 0
+    torch.testing.assert_close(b["momentum_buffer"], a["momentum_buffer"], rtol=1e-5, atol=1e-5)
+    # 2 -> 1: resuming the sharded epoch 1 (weight and buffer rows) continues the run exactly
+    # (its buffer is far from zero, so a resume that dropped it would not)
+    assert ckpt_io.load(out / "m2" / "checkpoints" / "epoch_1")["momentum_buffer"].abs().max() > 1e-3
+    single(dist_data, "m21", *opts, "--resume", str(out / "m2" / "checkpoints" / "epoch_1"))
+    assert_same_run(out / "m1", out / "m21")
+    c = ckpt_io.load(out / "m21" / "checkpoints" / "epoch_2.pt")
+    torch.testing.assert_close(c["momentum_buffer"], a["momentum_buffer"], rtol=1e-5, atol=1e-5)
+    # 1 -> 2: the single-process file's buffer, read by class range on each rank
+    args = ["--data-dir", str(dist_data / "data"), "--out-dir", str(out), "--name", "m12", *COMMON, *opts,
+            "--resume", str(out / "m1" / "checkpoints" / "epoch_1.pt")]
+    proc = torchrun(2, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(out / "m1", out / "m12")
+    d = ckpt_io.load(out / "m12" / "checkpoints" / "epoch_2")
+    torch.testing.assert_close(d["momentum_buffer"], a["momentum_buffer"], rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_momentum_buffer_is_checksummed(dist_data, tmp_path):
+    """A flipped byte in a shard's momentum rows is refused on resume (exit 2 style)."""
+    src = dist_data / "out" / "m2" / "checkpoints" / "epoch_1"
+    if not src.exists():
+        pytest.skip("needs test_momentum_two_processes_equal_one_and_resume")
+    import shutil
+
+    from xcent.errors import UsageError
+
+    bad = tmp_path / "epoch_1"
+    shutil.copytree(src, bad)
+    shard = torch.load(bad / "shard_00000.pt", weights_only=True)
+    shard["momentum_buffer"][3, 2] += 1.0  # the stored checksums stay those of the old bytes
+    torch.save(shard, bad / "shard_00000.pt")
+    assert torch.equal(ckpt_io.load_rows(bad, 23, 45), ckpt_io.load_rows(src, 23, 45))  # weight intact
+    assert ckpt_io.load_rows(bad, 30, 45, key="momentum_buffer") is not None  # rank 1's rows are intact
+    with pytest.raises(UsageError, match="momentum_buffer"):
+        ckpt_io.load_rows(bad, 0, 23, key="momentum_buffer")

@@ -11,14 +11,16 @@ A checkpoint is a plain dict of tensors and plain values (so ``torch.load(...,
 weights_only=True)`` reads it): ``weight`` (C, D), ``nu`` and ``nu_set`` (the
 algorithm's dual state), ``epoch``, ``best`` (best metrics so far), ``algorithm``,
 ``num_classes``, ``feature_dim``, ``num_samples``, ``config`` (the resolved run
-config), ``rng_state`` and ``format``.
+config), ``rng_state`` and ``format``; with ``--momentum`` also ``momentum_buffer``
+(C, D), the SGD momentum of every row (brought up to date before the save).
 
 A class-sharded run (:mod:`xcent.distributed`) writes a directory ``epoch_K/`` instead:
 ``manifest.pt`` (the same dict without ``weight``, plus ``shards``: the row range of
-each file, and ``shard_checksums``) and ``shard_RRRRR.pt`` (``{"weight": rows}``).
+each file, and ``shard_checksums``) and ``shard_RRRRR.pt`` (``{"weight": rows}``,
+plus ``"momentum_buffer": rows`` with ``--momentum``, checksummed like the weight).
 :func:`load` assembles it into the same dict, :func:`load_rows` reads just a row
-range from either form, so a run can resume with any number of processes and
-``xcent eval`` reads both.
+range of the weight (or, ``key="momentum_buffer"``, of the buffer) from either form,
+so a run can resume with any number of processes and ``xcent eval`` reads both.
 
 Integrity. Every dict written by :func:`save_atomic` carries ``checksums``: for each
 tensor, the crc32 of each 16 MiB piece of its bytes (:func:`tensor_checksum`); an
@@ -180,6 +182,10 @@ def clean_stale_temp(checkpoints_dir) -> list[Path]:
 
 # --------------------------------------------------------------------------- validation
 
+#: the (C, D) tensors of a checkpoint, read by row range (:func:`load_rows`); a sharded
+#: checkpoint keeps them in its shard files
+ROW_KEYS = ("weight", "momentum_buffer")
+
 #: keys of a checkpoint that resume reads (a manifest has all but ``weight``)
 RESUME_KEYS = ("weight", "nu", "nu_set", "epoch", "best", "algorithm", "num_classes", "feature_dim",
                "num_samples", "config", "rng_state")
@@ -197,7 +203,8 @@ def validate(ckpt, path, flag: str = "--resume", *, resume: bool = True, manifes
     problem is one :class:`UsageError` naming ``flag`` and ``path``. ``resume=False``
     requires only the keys that reading the weights needs (eval, predict, export);
     whatever else the file holds is checked all the same. ``verify_weight=False``
-    leaves the weight's checksum to :func:`load_rows`. Returns ``ckpt``.
+    leaves the checksums of the weight and the momentum buffer to :func:`load_rows`.
+    Returns ``ckpt``.
 
     A checkpoint without checksums (written by an xcent before they existed) is
     accepted, not refused: refusing would strand every run trained so far. Its
@@ -231,6 +238,10 @@ def validate(ckpt, path, flag: str = "--resume", *, resume: bool = True, manifes
             raise bad("'weight' is not a 2-d float tensor")
         if tuple(w.shape) != (num_classes, feature_dim):
             raise bad(f"'weight' is {tuple(w.shape)}, num_classes x feature_dim is {(num_classes, feature_dim)}")
+    if "momentum_buffer" in ckpt:
+        b = ckpt["momentum_buffer"]
+        if not isinstance(b, Tensor) or not b.is_floating_point() or tuple(b.shape) != (num_classes, feature_dim):
+            raise bad(f"'momentum_buffer' is not a {(num_classes, feature_dim)} float tensor")
     for key, ok, kind in (("nu", lambda t: t.is_floating_point(), "float"), ("nu_set", lambda t: t.dtype == torch.bool,
                           "bool")):
         if key not in ckpt:
@@ -251,7 +262,7 @@ def validate(ckpt, path, flag: str = "--resume", *, resume: bool = True, manifes
     if not isinstance(checksums, dict):
         raise bad("'checksums' is not a dict")
     for key, value in ckpt.items():
-        if isinstance(value, Tensor) and not (key == "weight" and not verify_weight):
+        if isinstance(value, Tensor) and not (key in ROW_KEYS and not verify_weight):
             if key not in checksums:
                 raise UsageError(f"{where}: corrupt checkpoint (tensor '{key}' has no checksum)")
             _verify(value, checksums[key], key, where)
@@ -294,49 +305,67 @@ def _load_manifest(path: Path, flag: str, resume: bool = True) -> dict:
 
 
 def _load_shard(directory: Path, name: str, s_lo: int, s_hi: int, manifest: dict, flag: str,
-                rows: tuple[int, int]) -> Tensor:
-    """One shard's weight, memory-mapped, its structure checked and the pieces that
-    hold ``rows`` (shard-local) verified against the shard's own checksums and the
-    manifest's record of them (a shard of another save in its place is refused)."""
+                rows: tuple[int, int], key: str = "weight") -> Tensor | None:
+    """One shard's ``key`` rows (the weight or the momentum buffer; None when the shard
+    has no buffer), memory-mapped, its structure checked and the pieces that hold
+    ``rows`` (shard-local) verified against the shard's own checksums; the shard's
+    weight checksum must be the manifest's record of it (a shard of another save in
+    its place is refused)."""
     path = directory / name
     where = f"{flag} {path}"
     if not path.is_file():
         raise UsageError(f"{where}: missing shard of a sharded checkpoint")
     shard = _torch_load(path, flag, mmap=True)
-    w = shard.get("weight") if isinstance(shard, dict) else None
+    if not isinstance(shard, dict):
+        raise UsageError(f"{where}: invalid checkpoint (a shard is not a dict)")
+    if key != "weight" and key not in shard:
+        return None
+    w = shard.get(key)
     shape = (s_hi - s_lo, manifest["feature_dim"])
     if not isinstance(w, Tensor) or w.ndim != 2 or not w.is_floating_point() or tuple(w.shape) != shape:
-        raise UsageError(f"{where}: invalid checkpoint (shard 'weight' is not a {shape} float tensor)")
-    stored = (shard.get("checksums") or {}).get("weight")
+        raise UsageError(f"{where}: invalid checkpoint (shard '{key}' is not a {shape} float tensor)")
+    checksums = shard.get("checksums") or {}
     recorded = (manifest.get("shard_checksums") or {}).get(name)
-    if recorded is not None and stored != recorded:
+    if recorded is not None and checksums.get("weight") != recorded:
         raise UsageError(f"{where}: corrupt checkpoint (the shard is not the one its manifest records)")
-    if stored is None:
+    if not checksums:
         _verify_zip(path, where)
     else:
-        _verify(w, stored, "weight", where, rows=rows)
+        _verify(w, checksums.get(key), key, where, rows=rows)
     return w
 
 
-def load_rows(path, lo: int, hi: int, flag: str = "--resume") -> torch.Tensor:
-    """Rows ``lo:hi`` of the weight of a checkpoint file or sharded directory, read
+def load_rows(path, lo: int, hi: int, flag: str = "--resume", key: str = "weight") -> Tensor | None:
+    """Rows ``lo:hi`` of the weight (``key="momentum_buffer"``: of the momentum buffer;
+    None when the checkpoint has none) of a checkpoint file or sharded directory, read
     memory-mapped so that only those rows (and the checksum pieces holding them) are
-    brought into memory; verified, errors name ``flag``."""
+    brought into memory; verified, errors name ``flag``. A sharded checkpoint is read
+    with any row range, so a run resumes with another number of processes."""
+    assert key in ROW_KEYS, key
     path = Path(path)
     if path.is_dir():
         manifest = _load_manifest(path, flag, resume=False)
-        parts = []
+        parts, missing = [], []
         for name, s_lo, s_hi in manifest["shards"]:
             a, b = max(lo, s_lo), min(hi, s_hi)
             if a < b:
-                shard = _load_shard(path, name, s_lo, s_hi, manifest, flag, rows=(a - s_lo, b - s_lo))
-                parts.append(shard[a - s_lo:b - s_lo].clone())
+                shard = _load_shard(path, name, s_lo, s_hi, manifest, flag, rows=(a - s_lo, b - s_lo), key=key)
+                if shard is None:
+                    missing.append(name)
+                else:
+                    parts.append(shard[a - s_lo:b - s_lo].clone())
+        if missing and parts:  # every rank saves a buffer or none does
+            raise UsageError(f"{flag} {path / missing[0]}: invalid checkpoint (shard has no '{key}', others do)")
+        if missing:
+            return None
         return torch.cat(parts) if parts else torch.empty(0)
     ckpt = _load_file(path, flag, mmap=True, resume=False, verify_weight=False)
-    weight = ckpt["weight"]
+    rows = ckpt.get(key)
+    if rows is None:
+        return None
     if ckpt.get("checksums") is not None:
-        _verify(weight, ckpt["checksums"].get("weight"), "weight", f"{flag} {path}", rows=(lo, hi))
-    return weight[lo:hi].clone()
+        _verify(rows, ckpt["checksums"].get(key), key, f"{flag} {path}", rows=(lo, hi))
+    return rows[lo:hi].clone()
 
 
 def _load_file(path: Path, flag: str, map_location="cpu", mmap: bool = False, resume: bool = True,
@@ -353,18 +382,21 @@ def load(path, map_location="cpu", mmap: bool = False, weight: bool = True, flag
     dict); anything wrong (unreadable, crafted, failing a checksum) is a one-line
     ``UsageError`` naming ``flag`` and the file (see :func:`validate`). ``resume``:
     require the training state too. ``weight=False`` leaves the rows on disk (the
-    dict then has no ``weight``; the file's weight is neither kept nor verified
-    here): resume reads only the metadata and duals, each rank then
-    :func:`load_rows` (which verifies) its own classes."""
+    dict then has neither ``weight`` nor ``momentum_buffer``; the file's are neither
+    kept nor verified here): resume reads only the metadata and duals, each rank
+    then :func:`load_rows` (which verifies) its own classes."""
     path = Path(path)
     if path.is_dir():
         ckpt = dict(_load_manifest(path, flag, resume=resume))
         if weight:
-            ckpt["weight"] = load_rows(path, 0, ckpt["num_classes"], flag)
+            for key in ROW_KEYS:
+                rows = load_rows(path, 0, ckpt["num_classes"], flag, key=key)
+                if rows is not None:
+                    ckpt[key] = rows
         return ckpt
     ckpt = _load_file(path, flag, map_location, mmap, resume=resume, verify_weight=weight)
     if not weight:
-        ckpt = {k: v for k, v in ckpt.items() if k != "weight"}
+        ckpt = {k: v for k, v in ckpt.items() if k not in ROW_KEYS}
     return ckpt
 
 
@@ -398,10 +430,12 @@ def check_compatible(ckpt: dict, path, algorithm: str, num_classes: int, feature
                              f"this run has {value!r})")
 
 
-def save_sharded(ctx, directory, epoch: int, rows: torch.Tensor, lo: int, hi: int, meta: dict) -> Path:
+def save_sharded(ctx, directory, epoch: int, rows: torch.Tensor, lo: int, hi: int, meta: dict,
+                 momentum_buffer: Tensor | None = None) -> Path:
     """Write a sharded checkpoint ``directory/epoch_K/`` from every rank (collective).
 
-    Each rank writes its rows into a temporary directory; after a barrier rank 0
+    Each rank writes its rows (and ``momentum_buffer``, its rows of the SGD momentum,
+    already brought up to date) into a temporary directory; after a barrier rank 0
     writes the manifest and renames the directory into place, so a crash leaves
     either no ``epoch_K/`` or a complete one."""
     import torch.distributed as dist
@@ -413,7 +447,10 @@ def save_sharded(ctx, directory, epoch: int, rows: torch.Tensor, lo: int, hi: in
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ctx.barrier()
-    save_atomic({"weight": rows.detach().cpu()}, tmp / f"shard_{ctx.rank:05d}.pt")
+    shard = {"weight": rows.detach().cpu()}
+    if momentum_buffer is not None:
+        shard["momentum_buffer"] = momentum_buffer.detach().cpu()
+    save_atomic(shard, tmp / f"shard_{ctx.rank:05d}.pt")
     ranges = torch.tensor([lo, hi], dtype=torch.long, device=ctx.device)  # nccl needs device tensors
     gathered = [torch.empty_like(ranges) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, ranges)

@@ -122,13 +122,14 @@ def _attach_log_file(path: Path) -> logging.Handler:
 
 def _row_optimizer(weight, c, resume_path, lo: int, hi: int) -> LazySGD:
     """``--momentum`` / ``--weight-decay``: the exact sparse SGD of this process's rows
-    (:class:`xcent.step.LazySGD`; plain SGD when both are 0), its momentum buffer
-    resumed from the checkpoint file (zero if the checkpoint has none)."""
+    (:class:`xcent.step.LazySGD`; plain SGD when both are 0), its rows ``lo:hi`` of the
+    momentum buffer resumed from the checkpoint (file or sharded, saved with any number
+    of processes; zero if the checkpoint has none)."""
     opt = LazySGD(weight.shape[0], weight.shape[1], c.momentum, c.weight_decay, weight.dtype, weight.device)
     if opt.buf is not None and resume_path is not None:
-        buf = ckpt_io.load(resume_path, mmap=True, weight=False).get("momentum_buffer")
+        buf = ckpt_io.load_rows(resume_path, lo, hi, key="momentum_buffer")
         if buf is not None:
-            opt.buf.copy_(buf[lo:hi])
+            opt.buf.copy_(buf)
     return opt
 
 
@@ -189,7 +190,7 @@ class ShardedEngine:
         else:
             rows = init_weight(data.num_classes, data.feature_dim, c.seed, rows=(self.lo, self.hi))
         self.weight = rows.to(self.device, torch.float32).contiguous()
-        self.optimizer = _row_optimizer(self.weight, c, None, self.lo, self.hi)  # --momentum refused in train()
+        self.optimizer = _row_optimizer(self.weight, c, resume_path, self.lo, self.hi)
 
     def batch(self, index):
         feats = self.xd.gather_batch_rows(self.data.train, index, self.ctx, torch.float32)
@@ -212,7 +213,8 @@ class ShardedEngine:
                                         chunk_rows=self.c.eval_chunk_rows, precision=self.c.precision)
 
     def save(self, run: RunDir, epoch: int, meta: dict) -> Path:
-        return ckpt_io.save_sharded(self.ctx, run.checkpoints, epoch, self.weight, self.lo, self.hi, meta)
+        return ckpt_io.save_sharded(self.ctx, run.checkpoints, epoch, self.weight, self.lo, self.hi, meta,
+                                    momentum_buffer=self.optimizer.buf)
 
 
 # ----------------------------------------------------------------------------- training
@@ -281,10 +283,6 @@ def train(c: TrainConfig, echo=print) -> dict:
                         data_size=c.data_size, check_features=c.check_features,
                         low_memory=c.low_memory)
     device = resolve_device(c.device)
-    if c.momentum > 0 and xd.world_size_from_env() > 1:
-        # sharded checkpoints hold the weight rows only: a resumed run would lose the buffer
-        raise UsageError(f"--momentum {c.momentum}: not supported under torchrun yet (the momentum buffer "
-                         "is not in sharded checkpoints); use one process, or --weight-decay alone")
     ctx = xd.init_from_env(device, c.dist_timeout) if xd.world_size_from_env() > 1 else None
     try:
         with ThreadPolicy.use(torch.get_num_threads()):  # the caller's thread count comes back
