@@ -469,3 +469,19 @@ def test_other_outputs_are_locked_too(tmp_path, capsys, command):
     with exclusive_lock(out, "x"):
         code, err = run_cli(capsys, args)
     assert code == 2 and len(err) == 1 and f"{out} is in use by process {os.getpid()}" in err[0], err
+
+
+def test_export_and_predict_on_a_full_disk_exit_2_naming_the_path(small_fs, tmp_path, capsys):
+    data = small_data(tmp_path / "d", n=120, dim=16, classes=40)
+    assert cli.main(train_args(data, tmp_path / "o", "r", "--epochs", 1)) == 0
+    ckpt = tmp_path / "o" / "r" / "checkpoints" / "epoch_1.pt"
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((20_000, 16)).astype(np.float32))
+    filler = fill(small_fs)
+    for args, out in ((["export", "--checkpoint", str(ckpt)], small_fs / "w.safetensors"),
+                      (["predict", "--checkpoint", str(ckpt), "--features", str(tmp_path / "x.npy")],
+                       small_fs / "p.jsonl")):
+        code, err = run_cli(capsys, [*args, "--out", str(out)])
+        assert code == 2 and len(err) == 1 and "no space left on device while writing" in err[0], err
+        assert str(out) in err[0] and not out.exists()
+    filler.unlink()
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--out", str(small_fs / "w.safetensors")]) == 0

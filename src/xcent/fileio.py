@@ -61,8 +61,8 @@ def output_error(exc: BaseException, path) -> OSError | None:
     code = getattr(exc, "errno", None)
     if isinstance(exc, OSError) and code in OUTPUT_ERRNOS:
         return exc if exc.filename else OSError(code, os.strerror(code), str(path))
-    # writers that hide the errno (torch's zip writer, numpy.save): judge by the disk
-    if isinstance(exc, (OSError, RuntimeError)) and code is None and _looks_full(Path(path)):
+    # writers that hide the errno (torch's zip writer, numpy.save, safetensors): judge by the disk
+    if isinstance(exc, Exception) and code is None and _looks_full(Path(path)):
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     return None
 
@@ -73,7 +73,7 @@ def writing(path) -> Iterator[None]:
     ``OSError`` naming ``path`` (see :func:`output_error`), other errors unchanged."""
     try:
         yield
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:
         translated = output_error(exc, path)
         if translated is None or translated is exc:
             raise
