@@ -243,7 +243,7 @@ def test_stale_temp_files_of_interrupted_saves_are_removed_on_resume(run, tmp_pa
     argv = ["train", "--data-dir", str(run["data"]), "--out-dir", str(copy), "--name", "n", "--epochs", "3",
             "--batch-size", "64", "--resume", "latest"]
     assert cli.main(argv) == 0
-    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "notes.txt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.pt", "epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "notes.txt"]
     # the function itself, on a directory that does not exist and on one with nothing stale
     assert mio.clean_stale_temp(tmp_path / "nowhere") == []
     assert mio.clean_stale_temp(ckpts) == []

@@ -360,7 +360,7 @@ def test_failed_overwrite_keeps_the_old_run(tmp_path, capsys):
     # succeeds: the old run is gone once the new one has its first checkpoint
     assert cli.main(train_args(data, out, "r", "--overwrite", "--epochs", 1, "--seed", 7)) == 0
     assert not replaced_path(out / "r").exists()
-    assert sorted(p.name for p in (out / "r" / "checkpoints").iterdir()) == ["epoch_1.pt"]
+    assert sorted(p.name for p in (out / "r" / "checkpoints").iterdir()) == ["best.pt", "epoch_1.pt"]  # --keep-best
 
 
 def test_second_trainer_on_a_run_exits_2_naming_the_holder(tmp_path, capsys):

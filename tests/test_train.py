@@ -55,7 +55,7 @@ def test_cli_run_writes_outputs_and_curves_start_at_log_c(tiny_data, tmp_path, c
     assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.5
     assert records[-1]["best_val_acc"] == max(r["val_acc"] for r in records)
     assert [r["lr"] for r in records[1:]] == pytest.approx([lr_at(e, 3, 2.0) for e in (1, 2, 3)])
-    assert {p.name for p in (out / "checkpoints").iterdir()} == {"epoch_1.pt", "epoch_2.pt", "epoch_3.pt"}
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "best.pt"}
     assert (out / "config.yaml").exists() and (out / "out.log").read_text()
     # the reported val metrics are the exact full-softmax metrics of the saved model
     ckpt = load_ckpt(out / "checkpoints" / "epoch_3.pt")

@@ -26,7 +26,7 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from . import losses
 from .device import parse_threads
@@ -115,6 +115,15 @@ class TrainConfig:
     threads: str = _help("CPU intra-op threads: auto (one thread for the small ops of a training step, all cores "
                          "for the evaluation GEMMs; OMP_NUM_THREADS caps it) or a number for every phase",
                          default="auto")
+    init: Literal["random", "class-means"] = _help(
+        "random: N(0, 0.01^2); class-means: unit class means of the training rows times one scale, the one "
+        "minimising the CE of training rows held out of the means (docs/own-data.md)", default="random")
+    lr_search_budget: float = _help("--lr auto: training rows of all candidates together, as a share of one epoch",
+                                    default=0.2)
+    keep_best: bool = _help("keep checkpoints/best.pt (best/ under torchrun): the epoch with the best --best-by",
+                            default=True)
+    best_by: Literal["val_loss", "val_acc"] = _help("--keep-best: val_loss (lowest) or val_acc (highest)",
+                                                    default="val_loss")
 
     def __getattr__(self, name: str):
         # only reached for names that are not fields: the registry's hyper-parameters
@@ -192,6 +201,11 @@ def train_parser(prog: str = "xcent train", description: str | None = None, defa
         if f.name == "hparams":  # --lr, --gamma, --softplus-rho, --umax-delta, ...: from the registry
             real = Optional[_real_type()]  # noqa: UP045  (a runtime type value, shown in --help)
             for hp in losses.hyperparameters():
+                if hp.key == "lr":  # also 'auto': a short search before training (xcent.lr_search)
+                    p.add_argument(hp.flag, type=Optional[Union[_real_type(), Literal["auto"]]],  # noqa: UP007,UP045
+                                   default=defaults.get(hp.key),
+                                   help=hp.help + "; 'auto': a short search before training (docs/own-data.md)")
+                    continue
                 p.add_argument(hp.flag, type=real, default=defaults.get(hp.key), help=hp.help)
             continue
         flag, hint, text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata["help"]
@@ -337,11 +351,17 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise UsageError(f"--eval-chunk-rows {c.eval_chunk_rows}: must be at least 1")
     if c.name is not None:
         check_run_name(c.name)
+    if not 0 < c.lr_search_budget <= 10:
+        raise UsageError(f"--lr-search-budget {c.lr_search_budget}: must be in (0, 10] (a share of an epoch)")
     keys = _hparam_keys()
+    auto = c.hparams.get("lr") == "auto"  # chosen before training (xcent.train, xcent.lr_search)
     try:
-        own = losses.resolve_hparams(algorithm, {k: c.hparams.get(k) for k in keys})
+        own = losses.resolve_hparams(algorithm, {k: c.hparams.get(k) for k in keys if not (auto and k == "lr")})
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return c.replace(algorithm=algorithm, hparams={k: own.get(k) for k in keys},
+    hparams = {k: own.get(k) for k in keys}
+    if auto:
+        hparams["lr"] = "auto"
+    return c.replace(algorithm=algorithm, hparams=hparams,
                      logger=",".join(["jsonl"] + [n for n in dict.fromkeys(names) if n != "jsonl"]),
                      name=c.name if c.name is not None else algorithm)

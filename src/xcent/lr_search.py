@@ -27,7 +27,7 @@ scored by the exact full-softmax CE (over all C classes) of the held-out rows.
 A candidate diverged when a step goes non-finite, or when its CE is not finite or
 exceeds the start's by more than ``log C`` (worse than a uniform guess added to
 the start: the weights blew up without overflowing); diverged candidates are
-dropped.
+dropped, and the best lr is divided by :data:`SAFETY` (one grid step).
 Restricting the search to S makes a small budget look like a few epochs of
 training to those classes, which is what the learning rate must be good for;
 only the weight rows of S change, so they alone are saved and restored between
@@ -80,6 +80,11 @@ FACTOR, BELOW, ABOVE = 4.0, 3, 2
 #: fewest training steps per candidate: in shorter runs a learning rate that makes
 #: a 3-epoch run diverge still looked best (measured on benchmarks/quality.py shapes)
 MIN_STEPS = 64
+#: the search's best lr is divided by this: a short search favours large steps, and
+#: the divergences of a real run appear when rows are revisited an epoch later (from
+#: a class-mean start, scent at the search's best lr blew up in epoch 2 on a
+#: benchmarks/quality.py shape; one grid step lower trained well)
+SAFETY = FACTOR
 
 
 def lr_guess(tuned_lr: float, mean_sq_norm: float, rows_per_class: float) -> float:
@@ -234,6 +239,7 @@ def search_lr(plan: SearchPlan, candidates: list[float], num_classes: int, weigh
     kept = [r for r in results if not r["diverged"]]
     # nothing usable: the smallest candidate is the safest fallback
     best = min(kept, key=lambda r: r["loss"])["lr"] if kept else min(candidates)
+    best = max(best / SAFETY, min(candidates))
     return LrSearchResult(best, guess if guess is not None else math.nan, results, start_score, plan.steps,
                           plan.rows_trained, train_s, eval_s)
 

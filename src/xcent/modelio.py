@@ -419,6 +419,28 @@ def latest(directory) -> Path | None:
     return found[-1][1] if found else None
 
 
+#: the checkpoint ``--keep-best`` keeps: ``best.pt`` (one process) or ``best/`` (sharded)
+BEST_NAMES = ("best.pt", "best")
+
+
+def resolve_checkpoint(path, flag: str = "--checkpoint") -> Path:
+    """``best`` or ``latest`` as the last part of ``path`` (alone, after a run
+    directory, or after its ``checkpoints/``) names that run's kept best checkpoint
+    or its newest epoch checkpoint; an existing path is returned unchanged."""
+    path = Path(path)
+    if path.exists() or path.name not in ("best", "latest"):
+        return path
+    parent = path.parent
+    directory = parent / "checkpoints" if (parent / "checkpoints").is_dir() else parent
+    if path.name == "latest":
+        found = latest(directory)
+    else:
+        found = next((directory / n for n in BEST_NAMES if (directory / n).exists()), None)
+    if found is None:
+        raise UsageError(f"{flag} {path}: no {path.name} checkpoint in {directory}")
+    return found
+
+
 def check_compatible(ckpt: dict, path, algorithm: str, num_classes: int, feature_dim: int,
                      num_samples: int) -> None:
     """Refuse to resume a checkpoint of another algorithm or other shapes."""
@@ -431,8 +453,9 @@ def check_compatible(ckpt: dict, path, algorithm: str, num_classes: int, feature
 
 
 def save_sharded(ctx, directory, epoch: int, rows: torch.Tensor, lo: int, hi: int, meta: dict,
-                 momentum_buffer: Tensor | None = None) -> Path:
-    """Write a sharded checkpoint ``directory/epoch_K/`` from every rank (collective).
+                 momentum_buffer: Tensor | None = None, name: str | None = None) -> Path:
+    """Write a sharded checkpoint ``directory/epoch_K/`` (or ``directory/name/``) from
+    every rank (collective).
 
     Each rank writes its rows (and ``momentum_buffer``, its rows of the SGD momentum,
     already brought up to date) into a temporary directory; after a barrier rank 0
@@ -441,8 +464,8 @@ def save_sharded(ctx, directory, epoch: int, rows: torch.Tensor, lo: int, hi: in
     import torch.distributed as dist
 
     directory = Path(directory)
-    final = directory / f"epoch_{epoch}"
-    tmp = directory / f".epoch_{epoch}.tmp"
+    final = directory / (name or f"epoch_{epoch}")
+    tmp = directory / f".{final.name}.tmp"
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -584,7 +607,8 @@ def load_model(path, device="cpu", flag: str = "--checkpoint") -> tuple[Tensor, 
     """Read trained weights: ``(weight (C, D), meta)``.
 
     ``path`` is an xcent checkpoint (a ``.pt`` file or a class-sharded ``epoch_K/``
-    directory) or an ``xcent export`` safetensors file (told apart by content, not by
+    directory; ``RUN_DIR/best`` or ``RUN_DIR/latest``, see :func:`resolve_checkpoint`)
+    or an ``xcent export`` safetensors file (told apart by content, not by
     name). ``meta`` has ``num_classes``, ``feature_dim``,
     ``algorithm``, ``epoch``, ``num_samples``, ``label_names`` (a list when the file
     carries them, else None), ``data_dir`` (the training data dir, when known) and
@@ -592,7 +616,7 @@ def load_model(path, device="cpu", flag: str = "--checkpoint") -> tuple[Tensor, 
     anything wrong is a one-line ``UsageError`` naming ``flag`` and the file. This is
     the single entry point for every reader of weights; extend it for new formats.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path, flag)
     if not path.exists():
         raise UsageError(f"{flag} {path}: no such file")
     # a directory is a class-sharded checkpoint (epoch_K/ with a manifest), which

@@ -140,7 +140,7 @@ def _momentum_rows(optimizer: LazySGD) -> dict:
 class LocalEngine:
     """One process holds the whole (C, D) weight."""
 
-    world_size, is_main = 1, True
+    world_size, is_main, lo, ctx = 1, True, 0, None
 
     def __init__(self, data: Dataset, device, c, resume_path):
         self.data, self.device, self.c = data, device, c
@@ -169,8 +169,8 @@ class LocalEngine:
         return evaluate(split, self.weight, rows=rows, chunk_rows=self.c.eval_chunk_rows,
                         precision=self.c.precision)
 
-    def save(self, run: RunDir, epoch: int, meta: dict) -> Path:
-        path = run.checkpoints / f"epoch_{epoch}.pt"
+    def save(self, run: RunDir, epoch: int, meta: dict, name: str | None = None) -> Path:
+        path = run.checkpoints / (f"{name}.pt" if name else f"epoch_{epoch}.pt")
         ckpt_io.save_atomic({**meta, "weight": self.weight.detach().cpu(), **_momentum_rows(self.optimizer)}, path)
         return path
 
@@ -212,9 +212,9 @@ class ShardedEngine:
         return self.xd.sharded_evaluate(split, self.weight, self.lo, self.ctx, rows=rows,
                                         chunk_rows=self.c.eval_chunk_rows, precision=self.c.precision)
 
-    def save(self, run: RunDir, epoch: int, meta: dict) -> Path:
+    def save(self, run: RunDir, epoch: int, meta: dict, name: str | None = None) -> Path:
         return ckpt_io.save_sharded(self.ctx, run.checkpoints, epoch, self.weight, self.lo, self.hi, meta,
-                                    momentum_buffer=self.optimizer.buf)
+                                    momentum_buffer=self.optimizer.buf, name=name)
 
 
 # ----------------------------------------------------------------------------- training
@@ -261,14 +261,94 @@ TABLE_HEADER = (
 )
 
 
-def _save(run: RunDir, engine, loss_fn, epoch, best, c, data) -> Path:
-    meta = {
+def _meta(engine, loss_fn, epoch, best, c, data) -> dict:
+    return {
         "format": ckpt_io.FORMAT, "nu": loss_fn.nu.detach().cpu(), "nu_set": loss_fn.nu_set.detach().cpu(),
         "epoch": epoch, "best": dict(best), "algorithm": c.algorithm, "num_classes": data.num_classes,
         "feature_dim": data.feature_dim, "num_samples": data.train.num_samples, "config": c.to_dict(),
         "rng_state": torch.get_rng_state(), "world_size": engine.world_size,
     }
-    return engine.save(run, epoch, meta)
+
+
+def _save(run: RunDir, engine, loss_fn, epoch, best, c, data) -> Path:
+    return engine.save(run, epoch, _meta(engine, loss_fn, epoch, best, c, data))
+
+
+def _keep_best(run: RunDir, engine, loss_fn, metrics: dict, best: dict, c, data) -> None:
+    """``--keep-best``: save ``checkpoints/best`` when ``--best-by`` improves (the
+    first record, epoch 0 included, always does)."""
+    key = c.best_by
+    value, kept = metrics[key], best.get("kept_value")
+    if kept is not None and not (value < kept if key == "val_loss" else value > kept):
+        return
+    best.update(kept_value=value, kept_epoch=metrics["epoch"], kept_by=key)
+    epoch = metrics["epoch"]
+    engine.save(run, epoch, _meta(engine, loss_fn, epoch, best, c, data), name="best")
+
+
+def _prepare_start(c: TrainConfig, data: Dataset, engine, subset, run: RunDir, echo) -> TrainConfig:
+    """A fresh run's start (before epoch 0): the data report, ``--init class-means``
+    (:mod:`xcent.init`) and ``--lr auto`` (:mod:`xcent.lr_search`); returns the
+    config with the chosen lr. Every rank computes the same report and choices."""
+    from .init import class_means_init, class_means_rows
+    from .inspect import data_report, format_report
+    from .lr_search import SAFETY, lr_candidates, lr_guess, make_plan, search_lr
+
+    report = data_report(data, seed=c.seed)
+    if engine.is_main:
+        write_text_atomic(run.path / "data_report.json", json.dumps(report, indent=2) + "\n")
+    echo(format_report(report))
+    scale = None
+    if c.init == "class-means":
+        start = time.perf_counter()
+        init = class_means_init(data.train, data.num_classes, subset, ctx=engine.ctx, device=engine.device)
+        engine.weight = init.weight.to(engine.device, torch.float32).contiguous()
+        scale = init.scale
+        echo(f"init: class means x {scale:.4g} (CE {init.loss:.4f}, top-1 {init.top1:.4f} on training rows held "
+             f"out of the means; {init.classes_with_rows} classes with rows; {time.perf_counter() - start:.1f}s)")
+        if engine.is_main:
+            log.info("init: %s", json.dumps(init.summary()))
+    if c.lr != "auto":
+        return c
+    rpc, norm = report["train_rows_per_class"], report["feature_norm"]
+    tuned = get_algorithm(c.algorithm).defaults["lr"]
+    guess = lr_guess(tuned, norm["mean_sq"], rpc["mean"])
+    candidates = lr_candidates(guess)
+    plan = make_plan(data.train.labels, data.num_classes, c.batch_size, len(candidates), c.seed,
+                     c.lr_search_budget)
+    hparams = {k: v for k, v in c.hparams.items() if k != "lr"}
+
+    def make_loss():
+        loss_fn = build(c.algorithm, data.train.num_samples, epochs=c.epochs, **hparams).to(engine.device)
+        loss_fn.set_epoch(1)
+        return loss_fn
+
+    def step(loss_fn, index, lr):
+        feats, labels = engine.batch(index)
+        return engine.step(loss_fn, feats, labels, index, lr)
+
+    start_rows = None
+    if scale is not None:  # the class-mean start of S without its held-out rows
+        hi = engine.lo + engine.weight.shape[0]
+        mine = plan.classes[(plan.classes >= engine.lo) & (plan.classes < hi)]
+        start_rows = class_means_rows(data.train, mine, plan.train_rows, scale)
+    result = search_lr(plan, candidates, data.num_classes, engine.weight, engine.lo, make_loss, step,
+                       lambda: engine.evaluate(data.train, rows=plan.held_rows), start_rows, guess=guess)
+    c = c.replace(lr=result.best_lr)
+    # the candidates stepped through the engine's optimizer: a fresh run starts it anew
+    engine.optimizer = _row_optimizer(engine.weight, c, None, engine.lo, engine.lo + engine.weight.shape[0])
+    records = result.as_records()
+    if engine.is_main:
+        write_text_atomic(run.path / "lr_search.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    echo(f"lr auto: guess {guess:.4g} (tuned {tuned:g} x data scale), {len(candidates)} candidates x "
+         f"{plan.steps} steps on {plan.classes.numel()} classes, scored on {plan.held_rows.numel()} held-out rows")
+    for r in result.candidates:
+        shown = "diverged" if r["diverged"] else f"CE {r['loss']:.4f} top-1 {r['top1']:.4f}"
+        echo(f"  lr {r['lr']:<10.4g} {shown}")
+    echo(f"lr auto: {result.best_lr:.4g} (the best / {SAFETY:g}; start CE {result.start['loss']:.4f}); search "
+         f"{result.seconds:.1f}s "
+         f"training + {result.eval_seconds:.1f}s scoring")
+    return c
 
 
 def train(c: TrainConfig, echo=print) -> dict:
@@ -375,6 +455,11 @@ def _train_locked(c, data, device, ctx, echo, run, is_main) -> dict:
 def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo, on_saved=None) -> dict:
     num_samples, batch_size = data.train.num_samples, c.batch_size
     is_main = engine.is_main
+    subset = train_subset(num_samples, c.train_eval_size, c.seed)
+    if resume_ckpt is None:
+        c = _prepare_start(c, data, engine, subset, run, echo)
+    elif c.lr == "auto":  # the lr the search chose when the run started
+        c = c.replace(lr=resume_ckpt["config"]["lr"])
     loss_fn = build_loss(c, num_samples)
     if resume_ckpt is not None:
         loss_fn.load_state_dict({"nu": resume_ckpt["nu"], "nu_set": resume_ckpt["nu_set"]})
@@ -388,7 +473,6 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo, on_sav
     else:
         start_epoch, best, records = 1, {}, []
     loss_fn.to(engine.device)
-    subset = train_subset(num_samples, c.train_eval_size, c.seed)
     if is_main:
         log.info("run %s: %s, %d classes, %d x %d training rows, device %s, %d process(es)", run.name,
                  c.algorithm, data.num_classes, num_samples, data.feature_dim, engine.device, engine.world_size)
@@ -461,6 +545,8 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
             metrics, eval_s = _epoch_metrics(data, engine, subset, None)
             metrics["epoch"] = 0
             eval_s += _update_best(best, metrics, data, engine)
+        if c.keep_best:
+            _keep_best(run, engine, loss_fn, metrics, best, c, data)
         finish_epoch({"epoch": 0, **metrics, "lr": 0.0, "epoch_seconds": 0.0, "samples_per_second": 0.0,
                       "skipped_steps": 0, "eval_seconds": eval_s})
 
@@ -522,6 +608,8 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
                     f"training diverged at epoch {epoch} ({c.algorithm}, lr {lr:.4g}): {why}; lower --lr. "
                     f"Last good checkpoint: {ckpt_io.latest(run.checkpoints) or 'none'}")
             eval_s += _update_best(best, metrics, data, engine)
+        if c.keep_best:
+            _keep_best(run, engine, loss_fn, metrics, best, c, data)
         if skipped and is_main:
             log.warning("epoch %d: %d step(s) skipped (batch with a single label)", epoch, skipped)
         finish_epoch({"epoch": epoch, **metrics, "lr": lr, "surrogate_loss": float(surrogate_sum) / max(steps, 1),
