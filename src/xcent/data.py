@@ -1,6 +1,7 @@
 """Feature splits on disk: memory-mapped loading, validation, batch gathering, synthetic data.
 
-Layout (the seed's): ``DATA_DIR/{train,val,test}/features.{pt,npy}`` holding an
+Layout (that of the reference implementation, Optimization-AI/SCENT ``xc/``):
+``DATA_DIR/{train,val,test}/features.{pt,npy}`` holding an
 (N, D) float tensor (float32, float16, or bfloat16 in ``.pt``) and
 ``labels.{pt,npy}`` holding an (N,) integer tensor; optional ``DATA_DIR/classes.txt``
 (one class name per line). Features are memory-mapped (``np.load(mmap_mode="r")``,
@@ -293,7 +294,7 @@ def read_class_names(path) -> list[str]:
 
 
 def write_split(directory, features, labels, fmt: str = "npy") -> None:
-    """Write one split in the seed layout (``npy`` or ``pt``), each file atomically."""
+    """Write one split in the data layout of `xcent train` (``npy`` or ``pt``), each file atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stem, value in (("features", features), ("labels", labels)):
@@ -310,7 +311,7 @@ def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samp
                val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0, noise: float = 0.5,
                tail_exponent: float = 0.8, normalize: bool = True, dtype: str = "float32",
                fmt: str = "npy", rows_per_class: float | None = None, feature_norm: float = 1.0) -> dict:
-    """A seeded synthetic dataset in the seed layout.
+    """A seeded synthetic dataset in the data layout of `xcent train`.
 
     Class centroids are random unit vectors in ``feature_dim`` dimensions. Class sizes
     are long-tailed like face or species data: class of popularity rank r gets a

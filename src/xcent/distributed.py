@@ -9,7 +9,7 @@ Launch with torchrun; the flags are those of ``xcent train``::
 Design. Rank r owns the contiguous class range ``[lo_r, hi_r)`` (``ceil(C / P)``
 classes each) and holds only those weight rows; no rank ever holds the full weight.
 For each global batch (``--batch-size`` is the global batch; every rank draws the
-same permutation from the seed):
+same permutation from --seed):
 
 1. rank r reads its slice of the batch rows from the memory-mapped split and the
    feature rows are all-gathered (B x D); labels are in every rank's memory;

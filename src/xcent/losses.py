@@ -1,7 +1,7 @@
 """The six training algorithms: per-row dual state `nu` and the minibatch surrogate.
 
 Reference: Wei, Zhou, Wang, Lin, Yang (2026), "A Geometry-Aware Efficient Algorithm
-for Compositional Entropic Risk Minimization"; the contract is `ALGORITHMS.md`.
+for Compositional Entropic Risk Minimization"; the specification is `docs/algorithms.md`.
 
 Notation (one minibatch of B rows, K distinct labels, m = K - 1):
 

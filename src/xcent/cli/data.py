@@ -13,7 +13,7 @@ def synth_main(argv: list[str]) -> int:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     p = ArgumentParser(
-        prog="xcent synth", description="Write a seeded synthetic long-tailed dataset in the seed layout."
+        prog="xcent synth", description="Write a seeded long-tailed synthetic dataset in the layout xcent train reads."
     )
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--out", type=str, required=True, help="output data directory")
