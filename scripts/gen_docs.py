@@ -36,6 +36,11 @@ COLUMNS = 100
 sys.path.insert(0, str(ROOT / "src"))
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# jsonargparse's own --print_config option lists its output flags, and which flags it
+# lists depends on optional packages that happen to be installed (``comments`` needs
+# ruamel.yaml): the page keeps the option but not that list, so that it is the same in
+# every environment
+_PRINT_CONFIG = re.compile(r"(  --print_config \x08?\[=flags\]\n)(?:                        .*\n)+")
 
 
 def python_version() -> str:
@@ -64,7 +69,8 @@ def command_help(argv: list[str]) -> str:
         sys.argv = saved[1]
     if code not in (0, None):
         raise RuntimeError(f"`xcent {' '.join(argv)}` exited with {code}: {err.getvalue().strip()}")
-    text = _ADDRESS.sub("", out.getvalue())
+    text = _PRINT_CONFIG.sub(r"\1                        Print the configuration after applying all other arguments "
+                             r"and exit (jsonargparse).\n", _ADDRESS.sub("", out.getvalue()))
     return "\n".join(line.rstrip() for line in text.strip("\n").splitlines())
 
 
