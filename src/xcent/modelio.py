@@ -514,13 +514,15 @@ def _is_safetensors(path: Path) -> bool:
 def read_label_names(path, num_classes: int | None = None, flag: str = "--label-names") -> list[str]:
     """Class names from a ``classes.txt`` (line i = name of label i); a ``UsageError``
     naming ``flag`` if the file is missing or its line count is not ``num_classes``."""
+    from .data import read_class_names
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"{flag} {path}: no such file")
     try:
-        names = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{flag} {path}: cannot be read ({type(exc).__name__})")
+        names = read_class_names(path)
+    except UsageError as exc:
+        raise UsageError(f"{flag} {exc}") from None
     if num_classes is not None and len(names) != num_classes:
         raise UsageError(f"{flag} {path}: {len(names)} names for {num_classes} classes")
     return names
@@ -531,12 +533,11 @@ def _names_from_data_dir(data_dir, num_classes: int) -> list[str] | None:
     that does not match is ignored, not an error: the user did not ask for it."""
     if not data_dir:
         return None
-    path = Path(data_dir) / "classes.txt"
-    if not path.is_file():
-        return None
+    from .data import read_class_names
+
     try:
-        names = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        names = read_class_names(Path(data_dir) / "classes.txt")
+    except UsageError:  # missing, a directory, not UTF-8: not asked for, so not an error
         return None
     return names if len(names) == num_classes else None
 
