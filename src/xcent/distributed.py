@@ -82,12 +82,6 @@ class DistContext:
     def barrier(self) -> None:
         dist.barrier()
 
-    def all_ok(self, ok: bool) -> bool:
-        """True on every rank iff ``ok`` on every rank."""
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
