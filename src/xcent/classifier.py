@@ -142,18 +142,21 @@ def init_weight(num_classes: int, feature_dim: int, seed: int, device="cpu", dty
     return weight.to(device)
 
 
-def in_batch_logits(features: Tensor, labels: Tensor, weight: Tensor, precision: str = "fp32") -> InBatch:
+def in_batch_logits(features: Tensor, labels: Tensor, weight: Tensor, precision: str = "fp32",
+                    read_rows=None) -> InBatch:
     """Relative in-batch logits of a minibatch (see the module docstring).
 
     ``features`` (B, D) of any float dtype (cast to the weight's), ``labels`` (B,)
-    integer, ``weight`` (C, D). Reads only the K rows of the distinct labels.
+    integer, ``weight`` (C, D). Reads only the K rows of the distinct labels, with
+    ``read_rows(weight, classes)`` when given (e.g. rows caught up lazily by an
+    optimizer), else ``weight.index_select``.
 
     Differentiable: when autograd records (``features`` or ``weight`` requiring a
     gradient), the logits are built out of place so that a loss of
     :mod:`xcent.losses` can be back-propagated through them; otherwise in place."""
     x = features.to(device=weight.device, dtype=weight.dtype)
     classes, label_pos = torch.unique(labels.to(weight.device), sorted=True, return_inverse=True)
-    class_weight = weight.index_select(0, classes)
+    class_weight = weight.index_select(0, classes) if read_rows is None else read_rows(weight, classes)
     scores = matmul_nt(x, class_weight, precision)
     if torch.is_grad_enabled() and scores.requires_grad:
         logits = relative_logits(scores, label_pos)

@@ -60,14 +60,10 @@ def sharded_in_batch(features: Tensor, labels: Tensor, shard: Tensor, lo: int = 
     group = effective_group(process_group)
     if group is None and lo != 0:
         raise ValueError(f"a single process holds every row: lo must be 0, got {lo}")
-    if group is None and read_rows is None:
-        return in_batch_logits(features, labels, shard, precision)
+    if group is None:
+        return in_batch_logits(features, labels, shard, precision, read_rows)
     x = features.to(device=shard.device, dtype=shard.dtype)
     classes, label_pos = torch.unique(labels.to(shard.device), sorted=True, return_inverse=True)
-    if group is None:
-        class_weight = read_rows(shard, classes)
-        scores = relative_logits_(matmul_nt(x, class_weight, precision), label_pos)
-        return InBatch(scores, classes, label_pos, class_weight, x)
     a = int(torch.searchsorted(classes, lo))
     b = int(torch.searchsorted(classes, lo + shard.shape[0]))
     rows = classes[a:b] - lo
