@@ -129,20 +129,23 @@ def all_gather_rows(mine: Tensor, sizes: list[int], group=None) -> Tensor:
 
 
 @torch.no_grad()
-def sharded_stats(features: Tensor, labels: Tensor, shard: Tensor, lo: int, ctx: DistContext,
-                  class_chunk: int = 32768, precision: str = "fp32") -> tuple[Tensor, Tensor, Tensor]:
+def sharded_stats(features: Tensor, labels: Tensor, shard: Tensor, lo: int, ctx: DistContext | None,
+                  class_chunk: int = 32768, precision: str = "fp32", group=None) -> tuple[Tensor, Tensor, Tensor]:
     """Full-softmax ``(lse, target, rank)`` over all C classes, the classes sharded:
     every rank passes the same rows and gets the same result. ``precision``: of the
-    score GEMMs (:func:`xcent.classifier.matmul_nt`)."""
+    score GEMMs (:func:`xcent.classifier.matmul_nt`). The collectives run over
+    ``group`` when given (``ctx`` may then be None; the library head's own group),
+    else over the default group of ``ctx``."""
+    world_size = ctx.world_size if group is None else dist.get_world_size(group)
     x = features.to(device=shard.device, dtype=shard.dtype)
     y_local = labels.to(shard.device, torch.long) - lo
     target = target_logits(x, y_local, shard, precision)
-    dist.all_reduce(target)
+    dist.all_reduce(target, group=group)
     scan = scan_classes(x, shard, target=target, labels=y_local, class_chunk=class_chunk, precision=precision)
     lse_local, rank = scan.lse, scan.rank
-    pieces = [torch.empty_like(lse_local) for _ in range(ctx.world_size)]
-    dist.all_gather(pieces, lse_local)
-    dist.all_reduce(rank)
+    pieces = [torch.empty_like(lse_local) for _ in range(world_size)]
+    dist.all_gather(pieces, lse_local, group=group)
+    dist.all_reduce(rank, group=group)
     return torch.logsumexp(torch.stack(pieces), dim=0), target, rank
 
 

@@ -44,6 +44,8 @@ the global-batch surrogate (as with Partial FC); scale its lr accordingly.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,12 +55,16 @@ from torch import Tensor, nn
 
 from .classifier import InBatch, init_weight, row_gradient_weights_, scan_classes
 from .distributed import all_gather_rows, class_range
+from .init import GOLDEN_STEPS, InitResult, probe_rows, scale_class_means_
 from .losses import build, get
 from .predict import TopK
 from .step import LazySGD, effective_group, sharded_in_batch
 from .train import lr_at
 
 __all__ = ["SparseSoftmaxHead"]
+
+
+_DONE = object()  # the end of an iterator (an item may be anything, None included)
 
 
 @dataclass
@@ -196,6 +202,122 @@ class SparseSoftmaxHead(nn.Module):
         self.epoch, self.skipped_steps = state["epoch"], int(state["skipped_steps"])
         if self.epoch is not None:
             self.loss_fn.set_epoch(self.epoch, self.epochs)
+
+    # ------------------------------------------------------------------ initialisation
+
+    @torch.no_grad()
+    def init_class_means_(self, batches: Iterable[tuple[Tensor, Tensor]], probe_size: int = 20000,
+                          steps: int = GOLDEN_STEPS) -> InitResult:
+        """Set the weight to the class-mean classifier of ``batches`` (:mod:`xcent.init`):
+        ``w_c = s * m_c / |m_c|``, ``m_c`` the mean of the embeddings of class c (zero
+        for a class without any), ``s`` minimising the full-softmax CE of rows held out
+        of the means while it is searched. Returns the :class:`xcent.init.InitResult`:
+        the scale, and the CE / top-1 / top-5 it gives on the held-out rows.
+
+        ``batches``: an iterable of ``(embeddings, labels)``, (B, D) floats of any dtype
+        and device and (B,) integer class ids, read once (typically the backbone run
+        over the training data under ``torch.no_grad()``). The sums go straight into
+        the weight's rows (``index_add_``, batch by batch: no N x D copy). Held out:
+        the rows at the stream positions :func:`xcent.init.probe_rows` picks for
+        ``num_samples`` rows and a regular ``probe_size`` subset (every k-th row, at
+        most 20% of the rows and ``probe_size``), kept in memory; they join the means
+        once the scale is chosen.
+
+        Class-sharded: a collective; each rank passes its own part of the data (a
+        ``DistributedSampler``'s, any number of batches per rank); every batch is
+        all-gathered (rank order), each rank sums the rows of its own classes, and
+        the held-out rows, the search and every error are the same on every rank.
+
+        Resets the training state: the momentum buffer to zero, every dual to unset
+        (each row's next visit estimates it afresh, as in a new head); the epoch and
+        the lr schedule are left alone. Raises ``ValueError`` (on every rank) on a
+        batch that is not ``(B, D)`` embeddings with ``(B,)`` integer labels in
+        ``[0, num_classes)``, on non-finite embeddings, or when ``batches`` gives no
+        rows; the weight then holds a partial sum (call again with good data)."""
+        if probe_size < 1:
+            raise ValueError(f"probe_size must be >= 1, got {probe_size}")
+        n = self.num_samples
+        held = probe_rows(n, None if probe_size >= n else torch.arange(0, n, math.ceil(n / probe_size)))
+        weight, device = self.weight, self.weight.device
+        weight.zero_()
+        counts = torch.zeros(weight.shape[0], dtype=torch.long, device=device)
+        probe_x, probe_y, position = [], [], 0
+        batches = iter(batches)
+        while True:
+            x, y = self._init_batch(batches)
+            if x is None:
+                break
+            is_held = torch.isin(torch.arange(position, position + x.shape[0]), held).to(device)
+            position += x.shape[0]
+            own = (y >= self.lo) & (y < self.hi)
+            counts.index_add_(0, y[own] - self.lo, torch.ones_like(y[own]))
+            summed = own & ~is_held
+            weight.index_add_(0, y[summed] - self.lo, x[summed])
+            probe_x.append(x[is_held])
+            probe_y.append(y[is_held])
+        if position == 0:
+            raise ValueError("init_class_means_: batches gave no rows")
+        if self.optimizer.buf is not None:
+            self.optimizer.buf.zero_()
+        self.optimizer.mark_current()  # the old rows' pending catch-up belongs to a weight that is gone
+        self.loss_fn.nu.fill_(float("nan"))
+        self.loss_fn.nu_set.zero_()
+        return scale_class_means_(weight, counts, torch.cat(probe_x), torch.cat(probe_y), self.lo,
+                                  self.process_group, steps)
+
+    def _init_batch(self, batches) -> tuple[Tensor | None, Tensor | None]:
+        """The next ``(embeddings, labels)`` of ``batches``, checked and, class-sharded,
+        all-gathered over the ranks; ``(None, None)`` when every rank's are done."""
+        problem, x, y = "", None, None
+        item = next(batches, _DONE)
+        done = item is _DONE
+        if not done:
+            try:
+                x, y = item
+            except (TypeError, ValueError):
+                problem = "batches must give (embeddings, labels) pairs"
+            else:
+                problem = self._check_init_batch(x, y)
+        if not problem and x is not None:
+            x = x.detach().to(device=self.weight.device, dtype=self.weight.dtype)
+            y = y.detach().to(device=self.weight.device, dtype=torch.long)
+        if self.process_group is None:
+            if problem:
+                raise ValueError(f"init_class_means_: {problem}")
+            return x, y
+        # one header per rank: rows, failed, done; every rank then takes the same decision
+        rows = 0 if x is None or problem else x.shape[0]
+        header = torch.tensor([rows, bool(problem), done], dtype=torch.long, device=self.weight.device)
+        headers = [torch.empty_like(header) for _ in range(self.world_size)]
+        dist.all_gather(headers, header, group=self.process_group)
+        failed = [r for r, h in enumerate(headers) if int(h[1])]
+        if failed:
+            ranks = ", ".join(map(str, failed))
+            raise ValueError(f"init_class_means_: {problem} (rank {self.rank})" if problem else
+                             f"init_class_means_: rank {ranks} passed a bad batch (its error says what)")
+        if all(int(h[2]) for h in headers):
+            return None, None
+        sizes = [int(h[0]) for h in headers]
+        if x is None:
+            x = torch.zeros(0, self.dim, dtype=self.weight.dtype, device=self.weight.device)
+            y = torch.zeros(0, dtype=torch.long, device=self.weight.device)
+        if sum(sizes) == 0:  # every rank's batch was empty: nothing to gather
+            return x, y
+        return all_gather_rows(x, sizes, self.process_group), all_gather_rows(y, sizes, self.process_group)
+
+    def _check_init_batch(self, x, y) -> str:
+        """What is wrong with one ``(embeddings, labels)`` batch ('' when nothing)."""
+        if not (torch.is_tensor(x) and torch.is_tensor(y)):
+            return "batches must give (embeddings, labels) tensors"
+        if x.dim() != 2 or x.shape[1] != self.dim or not x.is_floating_point():
+            return f"embeddings must be (B, {self.dim}) floats, got {tuple(x.shape)} {x.dtype}"
+        if y.shape != x.shape[:1] or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            return f"labels must be ({x.shape[0]},) integer class ids, got {tuple(y.shape)} {y.dtype}"
+        if y.numel() and bool(((y < 0) | (y >= self.num_classes)).any()):
+            return f"labels must be class ids in [0, {self.num_classes}), got {int(y.min())}..{int(y.max())}"
+        if not bool(torch.isfinite(x).all()):
+            return "embeddings must be finite (found NaN or inf)"
+        return ""
 
     # ------------------------------------------------------------------ inference
 

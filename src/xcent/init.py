@@ -45,6 +45,7 @@ __all__ = [
     "class_sums",
     "golden_section_log",
     "probe_rows",
+    "scale_class_means_",
 ]
 
 #: golden-section probes of the scale search: the bracket shrinks by 0.618 each
@@ -179,32 +180,58 @@ def class_means_init(split: Split, num_classes: int, subset: Tensor | None = Non
     Single process (``ctx`` None): the whole (C, D) weight. Under torchrun (``ctx`` a
     :class:`xcent.distributed.DistContext`): this rank's classes
     (:func:`xcent.distributed.class_range`) only, the CE evaluated class-sharded.
-    The probe rows are read into memory once (every rank reads them: they are few)."""
+    The probe rows are read into memory once (every rank reads them: they are few).
+    The search itself is :func:`scale_class_means_` (shared with
+    :meth:`xcent.SparseSoftmaxHead.init_class_means_`)."""
     from . import distributed as xd
 
     lo, hi = (0, num_classes) if ctx is None else xd.class_range(num_classes, ctx.rank, ctx.world_size)
     sums, counts = class_sums(split, num_classes, (lo, hi), chunk_rows)
-    seen = int((counts > 0).sum())
     rows = probe_rows(split.num_samples, subset)
     x, y = split.gather(rows)
     x, y = x.to(torch.float32), y.to(torch.long)
     own = (y >= lo) & (y < hi)
     sums.index_add_(0, y[own] - lo, x[own], alpha=-1.0)  # hold the probe rows out
+    return scale_class_means_(sums.to(device), counts, x.to(device), y.to(device), lo,
+                              None if ctx is None else ctx.group, steps)
+
+
+@torch.no_grad()
+def scale_class_means_(sums: Tensor, counts: Tensor, x: Tensor, y: Tensor, lo: int = 0, group=None,
+                       steps: int = GOLDEN_STEPS) -> InitResult:
+    """Turn ``sums`` into the class-mean weight, in place, choosing the scale on the
+    held-out rows ``(x, y)``; returns the :class:`InitResult` (its ``weight`` is ``sums``).
+
+    ``sums`` (C_r, D): the sums of the training rows of the classes ``[lo, lo + C_r)``
+    **without** the held-out rows; ``counts`` (C_r,): those classes' row counts, the
+    held-out rows included (for ``classes_with_rows``); ``x`` (n, D) and ``y`` (n,):
+    the held-out rows, the same on every rank. The scale minimises the full-softmax
+    CE of ``x`` under the unit held-out means (golden section over ``log s``, the
+    bracket :data:`SCALE_BRACKET` in units of their mean norm); then the held-out
+    rows are added back and the weight is ``s`` times the unit means of all rows.
+    ``group``: a process group when the classes are sharded over its ranks (every
+    rank takes the same decisions: the statistics it all-reduces are identical);
+    None: one process, ``sums`` holds every class. Arithmetic in ``sums``' dtype and
+    on its device."""
+    from . import distributed as xd
+
+    hi = lo + sums.shape[0]
+    x, y = x.to(device=sums.device, dtype=sums.dtype), y.to(device=sums.device, dtype=torch.long)
+    own = (y >= lo) & (y < hi)
+    seen_t = (counts > 0).sum().to(device=sums.device, dtype=torch.long).reshape(1)
+    if group is not None:
+        torch.distributed.all_reduce(seen_t, group=group)
+    seen = int(seen_t.item())
     held_norms = _normalize_rows_(sums)
-    directions = sums.to(device)
-    x, y = x.to(device), y.to(device)
-    if ctx is not None:
-        seen_t = torch.tensor([seen], dtype=torch.long, device=directions.device)
-        torch.distributed.all_reduce(seen_t)
-        seen = int(seen_t.item())
+    directions = sums
 
     def stats(scale: float, eval_rows: int = 4096):
         for start in range(0, x.shape[0], eval_rows):
             xs, ys = x[start:start + eval_rows] * scale, y[start:start + eval_rows]
-            if ctx is None:
+            if group is None:
                 yield full_softmax_stats(xs, ys, directions)
             else:
-                yield xd.sharded_stats(xs, ys, directions, lo, ctx)
+                yield xd.sharded_stats(xs, ys, directions, lo, None, group=group)
 
     results: dict[float, dict] = {}
 
@@ -217,10 +244,10 @@ def class_means_init(split: Split, num_classes: int, subset: Tensor | None = Non
     scale, _, probes = golden_section_log(ce, SCALE_BRACKET[0] / mean_norm, SCALE_BRACKET[1] / mean_norm, steps)
     held = results[scale]
     # back to the sums of all training rows, then the final directions
-    sums.mul_(held_norms).index_add_(0, y[own].cpu() - lo, x[own].cpu())
+    sums.mul_(held_norms).index_add_(0, y[own] - lo, x[own])
     _normalize_rows_(sums)
-    weight = sums.mul_(scale).to(device)
-    return InitResult(weight, scale, held["loss"], held["top1"], held["top5"], seen, probes)
+    sums.mul_(scale)
+    return InitResult(sums, scale, held["loss"], held["top1"], held["top5"], seen, probes)
 
 
 @torch.no_grad()
