@@ -120,10 +120,10 @@ def eval_rows(device, split, sizes, rates) -> list[dict]:
     weight = init_weight(sizes["classes"], cm.FEATURE_DIM, 0, device=device)
     rows_n = min(sizes["eval_rows"], split.num_samples)
     index = torch.arange(rows_n)
-    with ThreadPolicy.use(ThreadPolicy().eval_threads()):
+    flops = 2.0 * rows_n * sizes["classes"] * cm.FEATURE_DIM
+    with ThreadPolicy(device=device).evaluation(cm.FEATURE_DIM, flops):
         evaluate(split, weight, rows=index[:1024])  # warm-up
         seconds = timed(lambda: evaluate(split, weight, rows=index), device)
-    flops = 2.0 * rows_n * sizes["classes"] * cm.FEATURE_DIM
     print(f"  evaluation of {rows_n:,} rows x {sizes['classes']:,} classes: {seconds:.2f} s", flush=True)
     return [{"part": "evaluation", "rows": rows_n, "classes": sizes["classes"], "seconds": seconds,
              "x_matmul_rate": flops / seconds / rates["fp32"]}]

@@ -8,12 +8,17 @@ that this script starts and stops itself (one busy Python process per ``--load-p
   ``--repeats`` runs, the conditions interleaved. The default should reach at least 80%
   of the better of the two in both conditions, and evaluation should keep using all
   cores where that is faster.
+* ``--eval``: seconds of one evaluation (``xcent.evaluate.evaluate``, full softmax over
+  all classes, the split memory-mapped) with ``--threads auto`` (a fresh policy each
+  time, so its probe is timed too), one thread and all cores, medians of ``--repeats``,
+  the modes interleaved: ``auto`` should reach at least 80% of the better of the two.
 * ``--sweep``: ms per training step (``xcent.step.train_step``, scent) with one thread
   and with all threads, for B = 128 .. 2048: where more threads start to pay, which
   sets ``xcent.device.STEP_PARALLEL_FLOPS``.
 
     python benchmarks/threads.py                 # 36,023 classes, 200,000 rows: ~3 minutes
     python benchmarks/threads.py --full          # Glint360K shape: 360,232 classes, 400,000 rows
+    python benchmarks/threads.py --eval          # evaluation: auto vs 1 thread vs all cores, ~1 minute
     python benchmarks/threads.py --sweep         # step time per batch size, 1 vs all threads
 
 Wall-clock times (the point is how threads fare against other processes): run it on an
@@ -105,6 +110,60 @@ def end_to_end(a) -> int:
     return 0
 
 
+def eval_phase(a) -> int:
+    import torch
+
+    from xcent.classifier import init_weight
+    from xcent.data import load_split
+    from xcent.device import ThreadPolicy
+    from xcent.evaluate import evaluate
+
+    cores = torch.get_num_threads()
+    print(f"machine: {cm.machine()}")
+    print(f"command: python benchmarks/threads.py {' '.join(sys.argv[1:])}")
+    flops = 2.0 * a.eval_rows * a.classes * cm.FEATURE_DIM
+    with cm.temp_dir(base=a.tmp) as tmp:
+        cm.write_split(tmp / "val", a.eval_rows, a.classes, seed=1)
+        split = load_split(tmp, "val", check_features=False)
+        weight = init_weight(a.classes, cm.FEATURE_DIM, 0)
+        evaluate(split, weight, rows=torch.arange(min(256, a.eval_rows)))  # warm-up
+        modes = ("auto", "1 thread", f"{cores} threads")
+        results = {(cond, mode): [] for cond in ("idle", "loaded") for mode in modes}
+        choices = {cond: [] for cond in ("idle", "loaded")}
+        for cond, procs in (("idle", 0), ("loaded", a.load_procs)):
+            with background_load(procs):
+                for rep in range(a.repeats):
+                    for mode in modes[rep % 3:] + modes[:rep % 3]:  # rotated: no mode always follows another
+                        policy = ThreadPolicy("auto")
+                        start = time.perf_counter()
+                        if mode == "auto":
+                            with policy.evaluation(cm.FEATURE_DIM, flops) as threads:
+                                evaluate(split, weight)
+                            choices[cond].append(threads)
+                        else:
+                            with ThreadPolicy.use(1 if mode == "1 thread" else cores):
+                                evaluate(split, weight)
+                        seconds = time.perf_counter() - start
+                        results[(cond, mode)].append(seconds)
+                        print(f"  {cond:<6} repeat {rep + 1} {mode:<10} {seconds:6.2f} s"
+                              + (f"  (chose {threads})" if mode == "auto" else ""), flush=True)
+    rows, verdicts = [], []
+    for cond in ("idle", "loaded"):
+        med = {mode: cm.median(results[(cond, mode)]) for mode in modes}
+        best = min(med[modes[1]], med[modes[2]])
+        for mode in modes:
+            rows.append([cond, mode, med[mode], best / med[mode],
+                         ", ".join(map(str, choices[cond])) if mode == "auto" else ""])
+        verdicts.append((cond, best / med["auto"]))
+    print(f"\nevaluation of {a.eval_rows:,} rows x {cm.FEATURE_DIM} (float16, memory-mapped) over {a.classes:,} "
+          f"classes; background load: {a.load_procs} busy process(es); medians of {a.repeats}")
+    print(cm.table(["machine", "threads", "eval seconds", "x best (speed)", "auto chose"], rows))
+    for cond, ratio in verdicts:
+        print(f"ratio: {cond}: auto reaches {ratio:.2f} of the better of 1 thread and {cores} threads "
+              f"(target >= 0.80)")
+    return 0
+
+
 def sweep(a) -> int:
     import torch
 
@@ -152,13 +211,15 @@ def main(argv=None) -> int:
     p.add_argument("--load-procs", type=int, default=1, help="busy background processes in the loaded condition")
     p.add_argument("--full", action="store_true", help="360,232 classes, 400,000 training rows")
     p.add_argument("--sweep", action="store_true", help="step time per batch size, 1 vs all threads")
+    p.add_argument("--eval", action="store_true", help="evaluation seconds: auto vs 1 thread vs all cores")
+    p.add_argument("--eval-rows", type=int, default=4_000, help="--eval: rows evaluated")
     p.add_argument("--steps", type=int, default=50, help="--sweep: timed steps per point")
     p.add_argument("--tmp", default=None)
     cm.add_common_args(p)
     a = p.parse_args(argv)
     if a.full:
         a.classes, a.rows = cm.GLINT_CLASSES, 400_000
-    return sweep(a) if a.sweep else end_to_end(a)
+    return sweep(a) if a.sweep else eval_phase(a) if a.eval else end_to_end(a)
 
 
 if __name__ == "__main__":

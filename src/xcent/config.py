@@ -112,8 +112,9 @@ class TrainConfig:
     log_every_steps: int = _help("log the step's losses and dual statistics every N steps of an epoch "
                                  "(batches 0, N, 2N, ...; as the reference implementation, N = 100); 0: off",
                                  default=100)
-    threads: str = _help("CPU intra-op threads: auto (one thread for the small ops of a training step, all cores "
-                         "for the evaluation GEMMs; OMP_NUM_THREADS caps it) or a number for every phase",
+    threads: str = _help("CPU intra-op threads: auto (one thread for the small ops of a training step; for "
+                         "evaluation one or all cores, whichever a short probe finds faster; OMP_NUM_THREADS caps "
+                         "it) or a number for every phase",
                          default="auto")
     init: Literal["random", "class-means"] = _help(
         "random: N(0, 0.01^2); class-means: unit class means of the training rows times one scale, the one "

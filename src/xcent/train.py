@@ -531,7 +531,11 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
             step_log, echo, on_saved=None) -> dict:
     num_samples, batch_size, epochs, is_main = data.train.num_samples, c.batch_size, c.epochs, engine.is_main
     every = c.log_every_steps if is_main else 0
-    threads = ThreadPolicy(c.threads)
+    threads = ThreadPolicy(c.threads, device=engine.device)
+    # the flops of an epoch's evaluation (train subset or none, val; 2 rows C D): sizes the probe's budget
+    eval_rows = (len(subset) if subset is not None and c.train_loss != "running" else 0) \
+        + data.splits["val"].num_samples
+    eval_flops = 2.0 * eval_rows * data.num_classes * data.feature_dim
 
     def finish_epoch(record):
         if is_main:
@@ -541,7 +545,7 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
         echo(_format_row(record))
 
     if start_epoch == 1:  # epoch 0: the initial model, so curves start at log C
-        with ThreadPolicy.use(threads.eval_threads()):
+        with threads.evaluation(data.feature_dim, eval_flops):
             metrics, eval_s = _epoch_metrics(data, engine, subset, None)
             metrics["epoch"] = 0
             eval_s += _update_best(best, metrics, data, engine)
@@ -569,7 +573,7 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
             feats, labels = engine.batch(index)
             if c.train_loss == "running":
                 engine.flush()  # the full CE needs every row current (a pass over C rows, as the CE itself)
-                with ThreadPolicy.use(threads.eval_threads()):
+                with threads.evaluation(data.feature_dim, 2.0 * len(index) * data.num_classes * data.feature_dim):
                     batch_ce = engine.batch_full_ce_sum(feats, labels)
                 running_sum += batch_ce
             logging_step = every > 0 and step % every == 0  # the reference's batches 0, 100, 200, ...
@@ -599,7 +603,7 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
         engine.flush()  # every row current (momentum / weight decay) before evaluating and saving
         train_seconds = time.perf_counter() - start
         running = running_sum / num_samples if c.train_loss == "running" else None
-        with ThreadPolicy.use(threads.eval_threads()):
+        with threads.evaluation(data.feature_dim, eval_flops):
             metrics, eval_s = _epoch_metrics(data, engine, subset, running)
             metrics["epoch"] = epoch
             if (why := check_divergence(metrics, data.num_classes)) is not None:

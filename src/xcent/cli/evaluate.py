@@ -39,7 +39,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", type=bool, nargs="?", const=True, default=False,
                    help="print one JSON object instead of text (--json or --json true)")
     p.add_argument("--threads", type=str, default="auto",
-                   help="CPU intra-op threads: auto (all cores; OMP_NUM_THREADS caps it) or a number")
+                   help="CPU intra-op threads: auto (one or all cores, whichever a short probe finds faster; "
+                        "OMP_NUM_THREADS caps it) or a number")
     a = p.parse_args(argv)
     parse_threads(a.threads)  # a bad value fails before any work
     if a.split not in ("train", "val", "test"):
@@ -51,7 +52,9 @@ def main(argv: list[str]) -> int:
                         feature_dim=weight.shape[1])
     counts = train_class_counts(a.data_dir, weight.shape[0]) if a.buckets else None
     device = resolve_device(a.device)
-    with ThreadPolicy.use(ThreadPolicy(a.threads).eval_threads()):
+    split = data.splits[a.split]
+    flops = 2.0 * split.num_samples * weight.shape[0] * weight.shape[1]
+    with ThreadPolicy(a.threads, device=device).evaluation(weight.shape[1], flops):
         stats = per_class_stats(data.splits[a.split], weight.to(device, torch.float32), chunk_rows=a.chunk_rows,
                                 class_chunk=a.class_chunk, precision=a.precision)
     overall = _aggregate(stats)

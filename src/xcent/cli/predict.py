@@ -40,7 +40,8 @@ def predict_main(argv: list[str]) -> int:
     p.add_argument("--class-chunk", type=int, default=DEFAULT_CLASS_CHUNK, help="classes per block")
     p.add_argument("--progress", type=bool, default=True, help="progress bar on stderr")
     p.add_argument("--threads", type=str, default="auto",
-                   help="CPU intra-op threads: auto (all cores; OMP_NUM_THREADS caps it) or a number")
+                   help="CPU intra-op threads: auto (one or all cores, whichever a short probe finds faster; "
+                        "OMP_NUM_THREADS caps it) or a number")
     a = p.parse_args(argv)
     parse_threads(a.threads)  # a bad value fails before any work
 
@@ -63,7 +64,8 @@ def predict_main(argv: list[str]) -> int:
         raise UsageError(f"--top-k {a.top_k}: must be between 1 and the number of classes ({clf.num_classes})")
     feats = load_features(a.features, clf.feature_dim)
     t0 = time.perf_counter()
-    with ThreadPolicy.use(ThreadPolicy(a.threads).eval_threads()):
+    flops = 2.0 * len(feats) * clf.num_classes * clf.feature_dim
+    with ThreadPolicy(a.threads, device=device).evaluation(clf.feature_dim, flops):
         n = write_predictions(clf, feats, out, a.top_k, fmt, progress=a.progress)
     seconds = time.perf_counter() - t0
     print(f"wrote {out}: {n} rows, top-{a.top_k} of {clf.num_classes} classes"
