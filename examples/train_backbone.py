@@ -15,6 +15,9 @@ initial weights, same batches, same SGD + momentum) is trained with
 * the dense baseline: ``nn.Linear(dim, C)`` + ``F.cross_entropy`` over all classes,
   the linear layer trained by the backbone's optimizer.
 
+``--head-init class-means`` starts each head from the class means of the initial
+backbone's embeddings (``head.init_class_means_``) instead of random rows.
+
 After every epoch it prints the full-softmax cross-entropy over all C classes on a
 held-out validation set (the real objective; what the curves show) and top-1
 accuracy, and at the end draws the curves into a PNG (matplotlib).
@@ -91,6 +94,11 @@ def train(variant: str, data, args) -> list[dict]:
     else:
         head = xcent.SparseSoftmaxHead(C, args.dim, num_samples, algorithm=variant, lr=args.head_lr.get(variant),
                                        epochs=args.epochs, init_seed=args.init_seed)
+        if args.head_init == "class-means":  # the class means of the initial backbone's embeddings
+            with torch.no_grad():
+                init = head.init_class_means_((backbone(x_train[i]), y_train[i])
+                                              for i in torch.arange(num_samples).split(1024))
+            print(f"{variant:>9}  class means x {init.scale:.3g}: held-out CE {init.loss:.4f}  top-1 {init.top1:.3f}")
         loss_of, logits_fn = head, head.logits
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
     history = [{"epoch": 0, **dict(zip(("val_ce", "val_acc"), full_ce(logits_fn, backbone, x_val, y_val)))}]
@@ -155,6 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--scent-lr", type=float, default=1.0)
     p.add_argument("--sox-lr", type=float, default=1.0)
     p.add_argument("--bsgd-lr", type=float, default=1.0)
+    p.add_argument("--head-init", choices=("random", "class-means"), default="random",
+                   help="the head's start (the head variants only): random rows, or head.init_class_means_ "
+                        "over the training rows through the initial backbone")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--init-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
