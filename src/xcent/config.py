@@ -104,6 +104,9 @@ class TrainConfig:
     low_memory: bool = _help("unmap feature pages after every batch (.npy splits): peak RSS stays near the "
                              "weight instead of growing to the split's size, at about 0.3 ms per step",
                              default=False)
+    prefetch: bool = _help("read the next batch from the memory-mapped split in a background thread while the "
+                           "current step runs (pinned memory and non-blocking copies on a GPU); the same batches "
+                           "either way (docs/performance.md)", default=True)
     dist_timeout: float = _help("seconds a collective may wait under torchrun before the job fails (a dead peer)",
                                 default=300.0)
     logger: str = _help("comma list of metric loggers: jsonl (OUT/eval_NAME.jsonl and steps_NAME.jsonl, always "

@@ -69,19 +69,28 @@ class Split:
     def feature_dim(self) -> int:
         return int(self.features.shape[1])
 
-    def gather(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """Features (B, D) in their stored dtype and labels (B,) of the rows ``index``."""
+    def gather(self, index: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Features (B, D) in their stored dtype and labels (B,) of the rows ``index``.
+        ``out``: a (B, D) CPU tensor of the stored dtype to write the features into
+        (pinned memory for a non-blocking copy to a GPU, :mod:`xcent.batches`),
+        returned as the features; by default they are a new tensor."""
         if isinstance(self.features, torch.Tensor):
-            feats = self.features.index_select(0, index)
+            feats = torch.index_select(self.features, 0, index, out=out) if out is not None \
+                else self.features.index_select(0, index)
         else:
             rows = index.numpy()
             if self.release_pages and len(rows) > _RELEASE_ROWS:
                 # each random row maps a whole folio: release every few hundred rows
-                feats = torch.empty(len(rows), self.feature_dim, dtype=_torch_dtype(self.features.dtype))
+                feats = out if out is not None else torch.empty(len(rows), self.feature_dim,
+                                                                dtype=_torch_dtype(self.features.dtype))
                 for start in range(0, len(rows), _RELEASE_ROWS):
                     piece = rows[start:start + _RELEASE_ROWS]
                     feats[start:start + len(piece)] = torch.from_numpy(np.ascontiguousarray(self.features[piece]))
                     self.release()
+            elif out is not None:
+                np.take(self.features, rows, axis=0, out=out.numpy())  # numpy releases the GIL as it copies
+                feats = out
+                self.release()
             else:
                 feats = torch.from_numpy(np.ascontiguousarray(self.features[rows]))
                 self.release()

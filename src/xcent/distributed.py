@@ -53,7 +53,8 @@ from .classifier import scan_classes, target_logits
 from .errors import UsageError
 from .evaluate import summarize
 
-__all__ = ["DistContext", "all_gather_rows", "class_range", "gather_batch_rows", "init_from_env", "sharded_stats"]
+__all__ = ["DistContext", "all_gather_rows", "batch_part", "class_range", "complete_batch_rows", "gather_batch_rows",
+           "init_from_env", "sharded_stats"]
 
 
 def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -108,10 +109,23 @@ def shutdown() -> None:
 
 def gather_batch_rows(split, index: Tensor, ctx: DistContext, dtype: torch.dtype) -> Tensor:
     """Features of the global batch ``index`` (every rank passes the same ``index``):
-    rank r reads only its slice from disk, then the slices are all-gathered."""
-    parts = index.tensor_split(ctx.world_size)
-    mine, _ = split.gather(parts[ctx.rank])
-    return all_gather_rows(mine.to(device=ctx.device, dtype=dtype), [part.shape[0] for part in parts])
+    rank r reads only its slice from disk (:func:`batch_part`), then the slices are
+    all-gathered (:func:`complete_batch_rows`)."""
+    mine, _ = split.gather(batch_part(index, ctx))
+    return complete_batch_rows(mine, index, ctx, dtype)
+
+
+def batch_part(index: Tensor, ctx: DistContext) -> Tensor:
+    """The rows of the global batch ``index`` that this rank reads from disk."""
+    return index.tensor_split(ctx.world_size)[ctx.rank]
+
+
+def complete_batch_rows(mine: Tensor, index: Tensor, ctx: DistContext, dtype: torch.dtype) -> Tensor:
+    """The features of the global batch ``index`` from each rank's rows ``mine`` (those
+    of :func:`batch_part`): one all-gather, on ``ctx.device`` in ``dtype``. A collective:
+    every rank calls it for the same batches in the same order (from one thread)."""
+    sizes = [part.shape[0] for part in index.tensor_split(ctx.world_size)]
+    return all_gather_rows(mine.to(device=ctx.device, dtype=dtype), sizes)
 
 
 def all_gather_rows(mine: Tensor, sizes: list[int], group=None) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from . import modelio as ckpt_io
+from .batches import BatchLoader, read_batch
 from .classifier import full_softmax_stats, init_weight
 from .config import TrainConfig
 from .data import Dataset, load_dataset
@@ -151,8 +152,13 @@ class LocalEngine:
         self.optimizer = _row_optimizer(self.weight, c, resume_path, 0, data.num_classes)
 
     def batch(self, index):
-        feats, labels = self.data.train.gather(index)
-        return feats.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        """(features on the device, labels on the host) of the rows ``index``, read now."""
+        b = read_batch(self.data.train, index, self.device)
+        return b.features, b.labels
+
+    def batches(self, order) -> BatchLoader:
+        """The epoch's batches in ``order`` (:mod:`xcent.batches`; read ahead with --prefetch)."""
+        return BatchLoader(self.data.train, order, self.c.batch_size, self.device, prefetch=self.c.prefetch)
 
     def step(self, loss_fn, feats, labels, index, lr):
         return train_step(self.weight, loss_fn, feats, labels, index, lr, optimizer=self.optimizer,
@@ -192,9 +198,22 @@ class ShardedEngine:
         self.weight = rows.to(self.device, torch.float32).contiguous()
         self.optimizer = _row_optimizer(self.weight, c, resume_path, self.lo, self.hi)
 
+    def _rows_of(self, index):
+        return self.xd.batch_part(index, self.ctx)  # this rank reads its slice of the batch
+
+    def _finish(self, mine, index):
+        return self.xd.complete_batch_rows(mine, index, self.ctx, torch.float32)  # the all-gather
+
     def batch(self, index):
-        feats = self.xd.gather_batch_rows(self.data.train, index, self.ctx, torch.float32)
-        return feats, self.data.train.labels.index_select(0, index).to(self.device)
+        """(features on the device, labels on the host) of the global batch ``index``."""
+        b = read_batch(self.data.train, index, self.device, rows_of=self._rows_of)
+        return self._finish(b.features, b.index), b.labels
+
+    def batches(self, order) -> BatchLoader:
+        """The epoch's batches: each rank reads its slice ahead in a thread (--prefetch);
+        the all-gather runs on the training thread, in step order on every rank."""
+        return BatchLoader(self.data.train, order, self.c.batch_size, self.device, prefetch=self.c.prefetch,
+                           rows_of=self._rows_of, finish=self._finish)
 
     def step(self, loss_fn, feats, labels, index, lr):
         return train_step(self.weight, loss_fn, feats, labels, index, lr, lo=self.lo, process_group=self.ctx.group,
@@ -568,37 +587,38 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
                    disable=None if is_main else True, file=sys.stderr)
         # the step's threads for the whole loop (evaluations switch and come back)
         torch.set_num_threads(threads.step_threads(batch_size, data.feature_dim))
-        for step in range(steps_per_epoch):
-            index = order[step * batch_size:(step + 1) * batch_size].sort().values
-            feats, labels = engine.batch(index)
-            if c.train_loss == "running":
-                engine.flush()  # the full CE needs every row current (a pass over C rows, as the CE itself)
-                with threads.evaluation(data.feature_dim, 2.0 * len(index) * data.num_classes * data.feature_dim):
-                    batch_ce = engine.batch_full_ce_sum(feats, labels)
-                running_sum += batch_ce
-            logging_step = every > 0 and step % every == 0  # the reference's batches 0, 100, 200, ...
-            if logging_step:  # the old duals, for the dual step weight (a B-row gather, logging steps only)
-                nu_index = index.to(loss_fn.nu.device)
-                nu_old, first = loss_fn.nu[nu_index].clone(), ~loss_fn.nu_set[nu_index]
-            result = engine.step(loss_fn, feats, labels, index, lr)
-            if result.skipped:
-                skipped += 1
-            elif not result.finite:
-                bar.close()
-                last = ckpt_io.latest(run.checkpoints)
-                raise DivergenceError(
-                    f"training diverged at epoch {epoch}, step {step + 1} ({c.algorithm}, lr {lr:.4g}): "
-                    f"non-finite loss or weights; lower --lr. Last good checkpoint: {last or 'none'}")
-            else:
-                surrogate_sum += result.loss.double()
-                steps += 1
-                if logging_step:
-                    record = {"epoch": epoch, "batch": step, "lr": lr,
-                              **_step_record(loss_fn, result, nu_old, first, nu_index)}
-                    if c.train_loss == "running":
-                        record["train_loss"] = batch_ce / len(index)
-                    step_log.log_dict(record, (epoch - 1) * steps_per_epoch + step + 1)
-            bar.update(1)
+        with engine.batches(order) as batches:  # the thread reading ahead stops however the loop ends
+            for batch in batches:
+                step, index, labels, feats = batch.step, batch.index, batch.labels, batch.features
+                if c.train_loss == "running":
+                    engine.flush()  # the full CE needs every row current (a pass over C rows, as the CE itself)
+                    with threads.evaluation(data.feature_dim,
+                                            2.0 * len(index) * data.num_classes * data.feature_dim):
+                        batch_ce = engine.batch_full_ce_sum(feats, labels)
+                    running_sum += batch_ce
+                logging_step = every > 0 and step % every == 0  # the reference's batches 0, 100, 200, ...
+                if logging_step:  # the old duals, for the dual step weight (a B-row gather, logging steps only)
+                    nu_index = index.to(loss_fn.nu.device)
+                    nu_old, first = loss_fn.nu[nu_index].clone(), ~loss_fn.nu_set[nu_index]
+                result = engine.step(loss_fn, feats, labels, index, lr)
+                if result.skipped:
+                    skipped += 1
+                elif not result.finite:
+                    bar.close()
+                    last = ckpt_io.latest(run.checkpoints)
+                    raise DivergenceError(
+                        f"training diverged at epoch {epoch}, step {step + 1} ({c.algorithm}, lr {lr:.4g}): "
+                        f"non-finite loss or weights; lower --lr. Last good checkpoint: {last or 'none'}")
+                else:
+                    surrogate_sum += result.loss.double()
+                    steps += 1
+                    if logging_step:
+                        record = {"epoch": epoch, "batch": step, "lr": lr,
+                                  **_step_record(loss_fn, result, nu_old, first, nu_index)}
+                        if c.train_loss == "running":
+                            record["train_loss"] = batch_ce / len(index)
+                        step_log.log_dict(record, (epoch - 1) * steps_per_epoch + step + 1)
+                bar.update(1)
         bar.close()
         engine.flush()  # every row current (momentum / weight decay) before evaluating and saving
         train_seconds = time.perf_counter() - start
