@@ -19,6 +19,8 @@ torchrun every rank sums only the rows of its own classes (selected from the
 in-memory labels, so each rank reads about 1/P of the file) and the probes use the
 class-sharded evaluation of :mod:`xcent.distributed`; every rank then takes the same
 search decisions, since the all-gathered statistics are identical on every rank.
+:meth:`xcent.SparseSoftmaxHead.init_class_means_` streams a user's ``(embeddings,
+labels)`` batches into the same search (:func:`scale_class_means_`).
 Hand-written because the search is ten lines and no library offers a chunked,
 class-sharded evaluation to plug into (scipy's ``minimize_scalar`` would add a
 dependency for the same golden-section loop).
