@@ -70,5 +70,9 @@ def test_lr_auto_in_train_is_logged_and_deterministic(tiny_data, tmp_path):
     assert chosen["lr_search"] == "chosen" and len(search1) == 7  # six candidates, then the choice
     assert read_jsonl(run1 / "eval_auto1.jsonl")[1]["lr"] == pytest.approx(chosen["lr"])
     assert any(line.startswith("lr auto: ") for line in lines)
+    # the cost is counted and reported; 60 classes are under the floor of 24 search classes x 11, and it says so
+    assert chosen["rows_trained"] == sum(r["rows"] for r in search1[:-1]) > chosen["budget_rows"]
+    assert chosen["epoch_share"] == pytest.approx(chosen["rows_trained"] / chosen["num_samples"])
+    assert any("search cost" in line and "over the budget" in line for line in lines)
     with pytest.raises(UsageError, match="--init"):
         config_from_argv(["--data-dir", str(tiny_data), "--init", "zeros"])

@@ -311,7 +311,7 @@ def _prepare_start(c: TrainConfig, data: Dataset, engine, subset, run: RunDir, e
     config with the chosen lr. Every rank computes the same report and choices."""
     from .init import class_means_init, class_means_rows
     from .inspect import data_report, format_report
-    from .lr_search import SAFETY, lr_candidates, lr_guess, make_plan, search_lr
+    from .lr_search import SAFETY, SAFETY_CLASS_MEANS, lr_candidates, lr_guess, make_plan, search_lr
 
     report = data_report(data, seed=c.seed)
     if engine.is_main:
@@ -337,36 +337,46 @@ def _prepare_start(c: TrainConfig, data: Dataset, engine, subset, run: RunDir, e
                      c.lr_search_budget)
     hparams = {k: v for k, v in c.hparams.items() if k != "lr"}
 
-    def make_loss():
-        loss_fn = build(c.algorithm, data.train.num_samples, epochs=c.epochs, **hparams).to(engine.device)
+    def make_loss(num_samples):  # duals for the plan's rows only (local ids)
+        loss_fn = build(c.algorithm, num_samples, epochs=c.epochs, **hparams).to(engine.device)
         loss_fn.set_epoch(1)
         return loss_fn
 
-    def step(loss_fn, index, lr):
+    def step(loss_fn, index, local, lr):
         feats, labels = engine.batch(index)
-        return engine.step(loss_fn, feats, labels, index, lr)
+        return engine.step(loss_fn, feats, labels, local, lr)
 
     start_rows = None
     if scale is not None:  # the class-mean start of S without its held-out rows
         hi = engine.lo + engine.weight.shape[0]
         mine = plan.classes[(plan.classes >= engine.lo) & (plan.classes < hi)]
         start_rows = class_means_rows(data.train, mine, plan.train_rows, scale)
+    # candidates take plain SGD steps: they interleave (successive halving), and one
+    # momentum buffer of all C rows per candidate is too much; with --momentum m the
+    # plain-SGD choice is scaled by (1 - m), the same long-run step
+    engine.optimizer = _row_optimizer(engine.weight, c.replace(momentum=0.0, weight_decay=0.0), None, engine.lo,
+                                      engine.lo + engine.weight.shape[0])
+    safety = SAFETY if scale is None else SAFETY_CLASS_MEANS
     result = search_lr(plan, candidates, data.num_classes, engine.weight, engine.lo, make_loss, step,
-                       lambda: engine.evaluate(data.train, rows=plan.held_rows), start_rows, guess=guess)
+                       lambda: engine.evaluate(data.train, rows=plan.held_rows), start_rows, guess=guess,
+                       safety=safety, batch_size=c.batch_size)
+    if c.momentum:
+        result.best_lr *= 1.0 - c.momentum
+        result.rule += f", x (1 - momentum {c.momentum:g})"
     c = c.replace(lr=result.best_lr)
-    # the candidates stepped through the engine's optimizer: a fresh run starts it anew
     engine.optimizer = _row_optimizer(engine.weight, c, None, engine.lo, engine.lo + engine.weight.shape[0])
     records = result.as_records()
     if engine.is_main:
         write_text_atomic(run.path / "lr_search.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    echo(f"lr auto: guess {guess:.4g} (tuned {tuned:g} x data scale), {len(candidates)} candidates x "
-         f"{plan.steps} steps on {plan.classes.numel()} classes, scored on {plan.held_rows.numel()} held-out rows")
+    echo(f"lr auto: guess {guess:.4g} (tuned {tuned:g} x data scale), {len(candidates)} candidates by successive "
+         f"halving over {len(plan.passes)} passes ({'+'.join(map(str, plan.schedule))} candidate-passes) of "
+         f"{plan.rows_per_pass} rows of {plan.classes.numel()} classes, scored on {plan.held_rows.numel()} "
+         f"held-out rows")
     for r in result.candidates:
         shown = "diverged" if r["diverged"] else f"CE {r['loss']:.4f} top-1 {r['top1']:.4f}"
-        echo(f"  lr {r['lr']:<10.4g} {shown}")
-    echo(f"lr auto: {result.best_lr:.4g} (the best / {SAFETY:g}; start CE {result.start['loss']:.4f}); search "
-         f"{result.seconds:.1f}s "
-         f"training + {result.eval_seconds:.1f}s scoring")
+        echo(f"  lr {r['lr']:<10.4g} {shown} ({r['passes']} pass{'es' if r['passes'] != 1 else ''})")
+    echo(f"lr auto: {result.best_lr:.4g} ({result.rule}; start CE {result.start['loss']:.4f}); "
+         f"{result.cost_line()}")
     return c
 
 
