@@ -9,8 +9,10 @@ algorithms at C = 360,232, D = 512, B = 128 and 1,024, fp32 and bf16, against th
 GEMMs' floor at the measured matmul rate; full-softmax evaluation of 100,000 rows over
 360,232 classes; ``xcent train --epochs 1`` on 2,000,000 synthetic Glint-shape rows
 (float16 features in host memory); ``torchrun --nproc-per-node 2`` when two GPUs exist.
-On a CPU-only machine the same parts run at small size (a few minutes) so that the
-command itself is tested where there is no GPU.
+On a CPU-only machine the same parts run at small size (under 3 minutes on 2 cores:
+C = 36,023, 5 timed steps per point, an epoch of 50,000 rows with 1,000-row
+evaluations) so that the command itself is tested where there is no GPU; ``--quick``
+(tests/test_device_check.py) shrinks every part further, to seconds.
 
 Every CUDA timing synchronises the device before reading the clock; step times are
 the wall time of a run of consecutive steps divided by their number (what training
@@ -57,11 +59,11 @@ def timed(fn, device: torch.device, repeats: int = 1) -> float:
     return time.perf_counter() - start
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+def matmul_rate(device: torch.device, dtype: torch.dtype, sides=(1024, 2048)) -> float:
     """Best flop/s of square GEMMs in ``dtype`` (TF32 off: the float32 rate is true float32)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     best = 0.0
-    for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)):
+    for n in sides:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         timed(lambda a=a, b=b: a @ b, device, 2)
@@ -137,7 +139,7 @@ def run(cmd: list[str], env=None, timeout=None) -> subprocess.CompletedProcess:
 def e2e_rows(device, data: Path, out: Path, sizes) -> list[dict]:
     rows = []
     args = ["--data-dir", str(data), "--out-dir", str(out), "--epochs", "1", "--device", device.type,
-            "--train-eval-size", "10000"]
+            "--train-eval-size", str(sizes["train_eval_size"])]
     proc = run([sys.executable, "-m", "xcent", "train", *args, "--name", "e2e"])
     rec = _last_record(proc, out / "e2e" / "eval_e2e.jsonl")
     rows.append({"part": "xcent train, 1 epoch", "rows": sizes["e2e_rows"], "processes": 1, **rec})
@@ -176,15 +178,23 @@ def main(argv=None) -> int:
     p.add_argument("out_dir", help="folder for device_check.json (created)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--quick", action="store_true", help="every part at the smallest size (CPU; for tests)")
     a = p.parse_args(argv)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     gpu = device.type == "cuda"
+    # the GPU sizes are the issue's targets; the CPU sizes keep the whole command under 3
+    # minutes on a shared 2-core machine (the epoch's evaluations dominate it there)
     sizes = ({"classes": cm.GLINT_CLASSES, "batches": (128, 1024), "steps": 300, "eval_rows": 100_000,
-              "e2e_rows": 2_000_000, "split_rows": 2_000_000}
+              "e2e_rows": 2_000_000, "split_rows": 2_000_000, "val_rows": 10_000, "train_eval_size": 10_000,
+              "matmul_sides": (4096, 8192)}
              if gpu else
-             {"classes": 36_023, "batches": (128, 1024), "steps": 10, "eval_rows": 2_048,
-              "e2e_rows": 100_000, "split_rows": 100_000})
+             {"classes": 36_023, "batches": (128, 1024), "steps": 5, "eval_rows": 2_048,
+              "e2e_rows": 50_000, "split_rows": 50_000, "val_rows": 1_000, "train_eval_size": 1_000,
+              "matmul_sides": (1024, 2048)})
+    if a.quick:
+        sizes.update(classes=2_000, batches=(128,), steps=2, eval_rows=256, e2e_rows=4_000, split_rows=4_000,
+                     val_rows=200, train_eval_size=200, matmul_sides=(256,))
     precisions = ("fp32", "bf16") if supports_precision() else ("fp32",)
     name = torch.cuda.get_device_name(device) if gpu else "CPU"
     print(f"device check on {name}; machine: {cm.machine()}", flush=True)
@@ -194,14 +204,15 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     if not a.skip_tests:
         report["rows"].append(tests_row(device))
-    rates = {"fp32": matmul_rate(device, torch.float32)}
-    rates["bf16"] = matmul_rate(device, torch.bfloat16) if "bf16" in precisions else rates["fp32"]
+    rates = {"fp32": matmul_rate(device, torch.float32, sizes["matmul_sides"])}
+    rates["bf16"] = (matmul_rate(device, torch.bfloat16, sizes["matmul_sides"]) if "bf16" in precisions
+                     else rates["fp32"])
     report["matmul_gflops"] = {k: v / 1e9 for k, v in rates.items()}
-    print("  matmul rate: " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in rates.items()), flush=True)
+    print("  matmul rate: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in rates.items()), flush=True)
     with cm.temp_dir() as tmp:
         data = tmp / "data"
         cm.write_split(data / "train", sizes["split_rows"], sizes["classes"], seed=0)
-        cm.write_split(data / "val", 10_000 if gpu else 1_000, sizes["classes"], seed=1)
+        cm.write_split(data / "val", sizes["val_rows"], sizes["classes"], seed=1)
         train = load_split(data, "train", check_features=False)
         train.features = torch.from_numpy(train.features[:].copy())  # host memory, as the issue's target
         if gpu:  # pinned, for asynchronous copies

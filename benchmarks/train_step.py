@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                 # defaults: a few minutes on 2 cores
     python benchmarks/train_step.py --full          # longer repeats, sweep to 4096
+    python benchmarks/train_step.py --compile step  # torch.compile vs eager only (needs a C++ compiler)
 
 Measures, in one run and on one machine state:
 
@@ -13,7 +14,13 @@ Measures, in one run and on one machine state:
 2. the FLOP floor of a step, ``4 B K D`` flops at this machine's measured float32
    matmul rate, and the step time in units of it, at B = 128 and 1024;
 3. step time at C = 36,023 / 360,232 / 3,602,320 (the last weight alone 7.4 GB);
-4. samples/s across batch sizes.
+4. samples/s across batch sizes;
+5. with ``--compile step|dual`` (and nothing else): ``torch.compile`` (inductor, dynamic
+   shapes: K differs from batch to batch) of the whole step or of the dual update alone
+   (``loss_fn.weights``: the (B, K) arithmetic) against the eager step in the same run,
+   with the wall seconds of the first (compiling) call and the graphs compiled while
+   warming up and while timed (recompiles). One target per process: dynamo caches
+   compiled frames per code object, so a second target would reuse the first's.
 
 Every time is the median over all timed steps (steps interleaved across algorithms in
 rounds, so load from other processes hits every variant alike).
@@ -58,8 +65,10 @@ class Batches:
 VISITS = "revisit"
 
 
-def sparse_runner(split, weight, name: str, batch_size: int, seed: int = 0):
-    """One call = one step of ``xcent train``'s loop (CPU: ``.to(device)`` is a no-op)."""
+def sparse_runner(split, weight, name: str, batch_size: int, seed: int = 0, step_fn=None):
+    """One call = one step of ``xcent train``'s loop (CPU: ``.to(device)`` is a no-op).
+    ``step_fn``: called instead of ``train_step`` (a compiled variant)."""
+    step_fn = step_fn or train_step
     loss_fn = build(name, split.num_samples, epochs=50)
     loss_fn.set_epoch(1)
     if VISITS == "revisit" and name != "bsgd":
@@ -73,7 +82,7 @@ def sparse_runner(split, weight, name: str, batch_size: int, seed: int = 0):
     def step():
         index = batches.next()
         feats, labels = split.gather(index)
-        result = train_step(weight, loss_fn, feats, labels, index, lr)
+        result = step_fn(weight, loss_fn, feats, labels, index, lr)
         float(result.loss)
         ks.append(result.num_distinct)
 
@@ -126,6 +135,68 @@ def run_rounds(runners: dict, steps: int, repeats: int, warmup: int = 3) -> dict
     return times
 
 
+def compiled_step(target: str):
+    """A ``train_step`` whose ``target`` is compiled: ``step`` (the whole step; dynamo
+    breaks the graph at ``torch.unique``, whose output shape depends on the data, and at
+    the few host reads) or ``dual`` (each algorithm's ``weights``: dual update and G)."""
+    if target == "step":
+        return torch.compile(train_step, dynamic=True)
+
+    def step(weight, loss_fn, *args, **kwargs):
+        if "weights" not in vars(loss_fn):  # once per loss: the compiled bound method shadows the class's
+            loss_fn.weights = torch.compile(loss_fn.weights, dynamic=True)
+        return train_step(weight, loss_fn, *args, **kwargs)
+
+    return step
+
+
+def graphs_compiled() -> int:
+    import torch._dynamo
+
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def compile_section(a, split, weight, algos) -> None:
+    import shutil
+    import time
+
+    cxx = shutil.which("c++") or shutil.which("g++") or "none"
+    print(f"\n[5] torch.compile (inductor, dynamic=True) of the {a.compile} vs eager, C = {weight.shape[0]:,}; "
+          f"C++ compiler: {cxx}")
+    rows = []
+    for B in [int(b) for b in a.compile_batches.split(",") if b]:
+        epoch = max(1, split.num_samples // B)
+        for name in algos:
+            runners, firsts, graphs = {}, {}, {}
+            for target in ("eager", a.compile):
+                fn, _ = sparse_runner(split, weight, name, B, seed=B,
+                                      step_fn=None if target == "eager" else compiled_step(target))
+                before = graphs_compiled()
+                t0 = time.perf_counter()
+                fn()
+                firsts[target] = time.perf_counter() - t0
+                for _ in range(a.compile_warmup):  # K differs per batch: the first few recompile
+                    fn()
+                graphs[target] = [graphs_compiled() - before]
+                runners[target] = fn
+            steps = min(a.steps * 128 // B, max(1, epoch // a.repeats))
+            times = {t: [] for t in runners}
+            for _ in range(a.repeats):  # interleaved rounds; graphs compiled during them are recompiles
+                for t, fn in runners.items():
+                    before = graphs_compiled()
+                    times[t] += run_rounds({t: fn}, steps, 1, warmup=0)[t]
+                    graphs[t].append(graphs_compiled() - before)
+            eager = cm.median(times["eager"])
+            for t in ("eager", a.compile):
+                med = cm.median(times[t])
+                rows.append([name, B, t, med * 1e3, eager / med, firsts[t], graphs[t][0], sum(graphs[t][1:]),
+                             steps * a.repeats])
+                print(f"  {name} B={B} {t}: {med * 1e3:.3f} ms/step (eager {eager * 1e3:.3f}), first call "
+                      f"{firsts[t]:.1f} s, graphs {graphs[t][0]} + {sum(graphs[t][1:])}", flush=True)
+    print(cm.table(["algorithm", "B", "compiled", "ms/step", "speed-up vs eager", "first call s (wall)",
+                    "graphs (first + warm-up)", "graphs while timed", "steps timed"], rows))
+
+
 def floor_seconds(B: float, K: float, D: int, rate: float) -> float:
     return 4.0 * B * K * D / rate
 
@@ -147,6 +218,10 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="more repeats")
     p.add_argument("--visits", choices=("revisit", "first"), default="revisit",
                    help="revisit: duals already set, epoch 2 (the steady state); first: epoch-1 first visits")
+    p.add_argument("--compile", choices=("step", "dual"), default=None,
+                   help="only [5]: torch.compile of the whole step or of the dual update vs eager")
+    p.add_argument("--compile-batches", default="128,1024", help="--compile: batch sizes")
+    p.add_argument("--compile-warmup", type=int, default=20, help="--compile: untimed steps after the first")
     p.add_argument("--tmp", default=None, help="directory for the temporary split (default: $TMPDIR)")
     cm.add_common_args(p)
     a = p.parse_args(argv)
@@ -171,6 +246,9 @@ def main(argv=None) -> int:
         split = load_split(tmp, "train")
         C = a.classes
         weight = init_weight(C, D, seed=0)
+        if a.compile:
+            compile_section(a, split, weight, algos)
+            return 0
 
         # 1. the six algorithms vs the dense baseline --------------------------------
         print(f"\n[1] training step, C = {C:,}, D = {D}, B = {a.batch_size}, "
