@@ -39,7 +39,7 @@ from xcent.data import load_split  # noqa: E402
 from xcent.device import ThreadPolicy  # noqa: E402
 from xcent.evaluate import evaluate  # noqa: E402
 from xcent.losses import ALGORITHMS, DEFAULTS, build  # noqa: E402
-from xcent.step import train_step  # noqa: E402
+from xcent.step import StepMonitor, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,11 +95,18 @@ def step_rows(device, split, sizes, precisions, rates) -> list[dict]:
                 kw = {"precision": precision} if precision != "fp32" else {}
                 ks = []
 
-                def step(i, batches=batches, weight=weight, loss_fn=loss_fn, lr=lr, kw=kw, ks=ks):
+                monitor = StepMonitor(100, device)  # as xcent train: one health read per 100 steps
+
+                def step(i, batches=batches, weight=weight, loss_fn=loss_fn, lr=lr, kw=kw, ks=ks, monitor=monitor):
                     index = batches[i % len(batches)]
                     feats = host.index_select(0, index).to(device, non_blocking=True)
-                    result = train_step(weight, loss_fn, feats, labels.index_select(0, index).to(device), index,
-                                        lr, **kw)
+                    # labels and index stay on the host: the step reads nothing from the device
+                    result = train_step(weight, loss_fn, feats, labels.index_select(0, index), index, lr,
+                                        check_finite=False, **kw)
+                    if not result.skipped:
+                        monitor.record(result.health, i)
+                    if monitor.due:
+                        monitor.check()
                     ks.append(result.num_distinct)
 
                 steps = sizes["steps"]

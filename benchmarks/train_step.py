@@ -7,10 +7,11 @@
 Measures, in one run and on one machine state:
 
 1. samples/s of the real per-step work of ``xcent train`` (sorted batch of row ids ->
-   ``Split.gather`` from a memory-mapped float16 split -> ``train_step`` -> reading
-   the surrogate loss) for each algorithm, beside the dense formulation (``nn.Linear``
-   weight, autograd to a dense (C, D) gradient, ``torch.optim.SGD`` over all rows),
-   with and without the seed's per-step full-softmax train loss;
+   ``Split.gather`` from a memory-mapped float16 split -> ``train_step`` -> the
+   surrogate summed on the device, the step's health read every 100 steps) for each
+   algorithm, beside the dense formulation (``nn.Linear`` weight, autograd to a dense
+   (C, D) gradient, ``torch.optim.SGD`` over all rows), with and without the
+   reference implementation's per-step full-softmax train loss;
 2. the FLOP floor of a step, ``4 B K D`` flops at this machine's measured float32
    matmul rate, and the step time in units of it, at B = 128 and 1024;
 3. step time at C = 36,023 / 360,232 / 3,602,320 (the last weight alone 7.4 GB);
@@ -42,7 +43,7 @@ import _common as cm  # noqa: E402
 from xcent.classifier import init_weight  # noqa: E402
 from xcent.data import load_split  # noqa: E402
 from xcent.losses import ALGORITHMS, DEFAULTS, build  # noqa: E402
-from xcent.step import train_step  # noqa: E402
+from xcent.step import StepMonitor, train_step  # noqa: E402
 
 
 class Batches:
@@ -78,12 +79,18 @@ def sparse_runner(split, weight, name: str, batch_size: int, seed: int = 0, step
     batches = Batches(split.num_samples, batch_size, seed)
     lr = DEFAULTS[name]["lr"] * 1e-3  # small: keep the weight sane over many timed steps
     ks = []
+    monitor = StepMonitor(100, weight.device)
+    surrogate_sum = torch.zeros((), dtype=torch.float64, device=weight.device)
 
     def step():
         index = batches.next()
         feats, labels = split.gather(index)
-        result = step_fn(weight, loss_fn, feats, labels, index, lr)
-        float(result.loss)
+        result = step_fn(weight, loss_fn, feats, labels, index, lr, check_finite=False)
+        if not result.skipped:  # as the trainer: the loss summed on the device, health read every 100 steps
+            surrogate_sum.add_(result.loss)
+            monitor.record(result.health, 0)
+        if monitor.due:
+            monitor.check()
         ks.append(result.num_distinct)
 
     return step, ks

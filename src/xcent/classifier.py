@@ -28,6 +28,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .sync import to_device, to_host
+
 __all__ = [
     "PRECISIONS",
     "ClassScan",
@@ -98,7 +100,9 @@ class InBatch:
     weight's dtype. Class-sharded (:func:`xcent.step.sharded_in_batch`): this process
     holds only the classes ``classes[owned]``, rows ``rows`` of its weight shard, and
     ``class_weight`` holds those rows only; a single process owns every column
-    (``owned = slice(None)``, ``rows = None`` meaning ``classes``)."""
+    (``owned = slice(None)``, ``rows = None`` meaning ``classes``). ``host_rows``: the
+    same ids as :attr:`local_rows` on the host (where they were computed: the step
+    never reads them back from the device)."""
 
     logits: Tensor
     classes: Tensor
@@ -107,6 +111,7 @@ class InBatch:
     features: Tensor
     rows: Tensor | None = None
     owned: slice = field(default_factory=lambda: slice(None))
+    host_rows: Tensor | None = None
 
     @property
     def local_rows(self) -> Tensor:
@@ -115,6 +120,7 @@ class InBatch:
 
     @property
     def num_distinct(self) -> int:
+        """K (a shape: known on the host)."""
         return int(self.classes.shape[0])
 
 
@@ -148,21 +154,28 @@ def in_batch_logits(features: Tensor, labels: Tensor, weight: Tensor, precision:
 
     ``features`` (B, D) of any float dtype (cast to the weight's), ``labels`` (B,)
     integer, ``weight`` (C, D). Reads only the K rows of the distinct labels, with
-    ``read_rows(weight, classes)`` when given (e.g. rows caught up lazily by an
-    optimizer), else ``weight.index_select``.
+    ``read_rows(weight, classes, classes_on_host)`` when given (e.g. rows caught up
+    lazily by an optimizer), else ``weight.index_select``.
+
+    The distinct labels and each row's position among them (``torch.unique``, whose
+    output size depends on the data) are computed on the host: pass ``labels`` on the
+    CPU and nothing is read back from the weight's device; labels on the device cost
+    one host read (:func:`xcent.sync.to_host`, a sync on CUDA).
 
     Differentiable: when autograd records (``features`` or ``weight`` requiring a
     gradient), the logits are built out of place so that a loss of
     :mod:`xcent.losses` can be back-propagated through them; otherwise in place."""
     x = features.to(device=weight.device, dtype=weight.dtype)
-    classes, label_pos = torch.unique(labels.to(weight.device), sorted=True, return_inverse=True)
-    class_weight = weight.index_select(0, classes) if read_rows is None else read_rows(weight, classes)
+    host_classes, host_pos = torch.unique(to_host(labels), sorted=True, return_inverse=True)
+    classes, label_pos = to_device(weight.device, host_classes, host_pos)
+    class_weight = (weight.index_select(0, classes) if read_rows is None
+                    else read_rows(weight, classes, host_classes))
     scores = matmul_nt(x, class_weight, precision)
     if torch.is_grad_enabled() and scores.requires_grad:
         logits = relative_logits(scores, label_pos)
     else:
         logits = relative_logits_(scores, label_pos)
-    return InBatch(logits, classes, label_pos, class_weight, x)
+    return InBatch(logits, classes, label_pos, class_weight, x, host_rows=host_classes)
 
 
 def relative_logits(scores: Tensor, label_pos: Tensor) -> Tensor:

@@ -115,6 +115,10 @@ class TrainConfig:
     log_every_steps: int = _help("log the step's losses and dual statistics every N steps of an epoch "
                                  "(batches 0, N, 2N, ...; as the reference implementation, N = 100); 0: off",
                                  default=100)
+    check_every_steps: int = _help(
+        "read the steps' finiteness flags from the device every N steps (and at each step-log step and epoch "
+        "end, before any evaluation or checkpoint): one host sync per N steps instead of one per step; a "
+        "divergence still names its exact step", default=100)
     threads: str = _help("CPU intra-op threads: auto (one thread for the small ops of a training step; for "
                          "evaluation one or all cores, whichever a short probe finds faster; OMP_NUM_THREADS caps "
                          "it) or a number for every phase",
@@ -348,6 +352,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         check_available(n)
     if c.log_every_steps < 0:
         raise UsageError(f"--log-every-steps {c.log_every_steps}: must be >= 0 (0: no step log)")
+    if c.check_every_steps < 1:
+        raise UsageError(f"--check-every-steps {c.check_every_steps}: must be at least 1")
     parse_threads(c.threads)
     if c.train_eval_size < 0:
         raise UsageError(f"--train-eval-size {c.train_eval_size}: must be >= 0 (0 = all training rows)")

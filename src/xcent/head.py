@@ -40,6 +40,12 @@ summed (all-reduce) and each rank keeps the rows it produced: the backward of th
 all-gather. The duals are replicated. With a DDP backbone, note that DDP averages the
 ranks' parameter gradients, i.e. the backbone receives ``1/P`` times the gradient of
 the global-batch surrogate (as with Partial FC); scale its lr accordingly.
+
+Host reads: the step needs the batch's labels and row ids on the host (the distinct
+labels, which duals are set: see :mod:`xcent.sync`). Labels and index passed on the
+CPU cost nothing; on the device they are read once per forward (one sync on CUDA; under
+a process group, once after they are all-gathered). Nothing else in forward and
+backward reads the device.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from .init import GOLDEN_STEPS, InitResult, probe_rows, scale_class_means_
 from .losses import build, get
 from .predict import TopK
 from .step import LazySGD, effective_group, sharded_in_batch
+from .sync import to_host
 from .train import lr_at
 
 __all__ = ["SparseSoftmaxHead"]
@@ -73,7 +80,7 @@ class _Pending:
 
     batch: InBatch | None  # None: skipped (one distinct label)
     M: Tensor | None
-    index: Tensor
+    index: Tensor  # host
     nu_new: Tensor | None
     row_offset: int  # first row of this rank's embeddings in the gathered batch
     num_local: int
@@ -418,7 +425,11 @@ class SparseSoftmaxHead(nn.Module):
         """Everything of the step except its writes: ``(pending, surrogate)``."""
         num_local = embeddings.shape[0]
         x = embeddings.to(device=self.weight.device, dtype=self.weight.dtype)
-        x, labels, index, offset, _ = self._gather(x, labels.to(x.device), index.to(x.device))
+        if self.process_group is not None:  # all-gathered on the device (the collective's), then read once
+            x, labels, index, offset, _ = self._gather(x, labels.to(x.device), index.to(x.device))
+        else:
+            offset = 0
+        labels, index = _ids_to_host(labels, index)
         # one process: index_select rejects a label out of range; a shard would skip it
         if self.process_group is not None and bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ValueError(f"labels must be class ids in [0, {self.num_classes})")
@@ -428,16 +439,23 @@ class SparseSoftmaxHead(nn.Module):
             zero = torch.zeros((), dtype=self.weight.dtype, device=self.weight.device)
             return _Pending(None, None, index, None, offset, num_local), zero
         loss_fn = self.loss_fn
-        nu_old, set_old = loss_fn.nu[index].clone(), loss_fn.nu_set[index].clone()
+        index_dev = index.to(loss_fn.nu.device, non_blocking=True)
+        nu_old, set_old = loss_fn.nu[index_dev].clone(), loss_fn.visited(index).clone()
         G = loss_fn.weights(batch.logits, index)
         value = loss_fn.value
-        nu_new = loss_fn.nu[index].clone() if bool(loss_fn.nu_set[index].any()) else None
+        nu_new = loss_fn.nu[index_dev].clone() if bool(loss_fn.visited(index).any()) else None
         # undo the dual writes: they belong to the backward (a forward changes nothing);
         # a repeated index has one old value, so the restore is exact
-        loss_fn.nu[index] = nu_old
-        loss_fn.nu_set[index] = set_old
+        loss_fn.write_duals(index, nu_old, set_old)
         M = row_gradient_weights_(batch.label_pos, G)
         return _Pending(batch, M, index, nu_new, offset, num_local), value
+
+
+def _ids_to_host(labels: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Labels and index (int64) on the host: one read when both are on one device."""
+    if labels.device == index.device and labels.device.type != "cpu":
+        return to_host(torch.stack([labels.to(torch.long), index.to(torch.long)])).unbind(0)
+    return to_host(labels).to(torch.long), to_host(index).to(torch.long)
 
 
 def _take_step(head: SparseSoftmaxHead, pending: _Pending) -> Tensor:
@@ -454,8 +472,8 @@ def _take_step(head: SparseSoftmaxHead, pending: _Pending) -> Tensor:
         if head.process_group is not None:
             dist.all_reduce(dx, group=head.process_group)
             dx = dx[pending.row_offset:pending.row_offset + pending.num_local]
-        head.optimizer.step(head.weight, batch.local_rows, batch.class_weight, M, batch.features, head.lr)
+        head.optimizer.step(head.weight, batch.local_rows, batch.class_weight, M, batch.features, head.lr,
+                            rows_host=batch.host_rows)
         if pending.nu_new is not None:
-            head.loss_fn.nu[pending.index] = pending.nu_new
-            head.loss_fn.nu_set[pending.index] = True
+            head.loss_fn.write_duals(pending.index, pending.nu_new, True)
     return dx

@@ -28,6 +28,11 @@ dual far below ``log s``) the exponent is saturated at :func:`max_exponent` so t
 result stays finite; the trainer then stops with a clear divergence message
 instead of writing NaN.
 
+No step reads a value back from the device (see :mod:`xcent.sync`): ``index`` may be
+given on the host (the trainer does), rare paths are branch-free, and what softplus
+must know about first visits comes from a host mirror of ``nu_set``
+(:meth:`Algorithm.visited`), which every algorithm keeps in step with its writes.
+
 The registry (:data:`REGISTRY`, one :class:`AlgorithmSpec` per algorithm, in the
 paper's legend order) is the one place that describes an algorithm to the rest of
 xcent: its class, tuned defaults, hyper-parameters (flag, config key, valid range,
@@ -39,12 +44,15 @@ plus one :func:`register` call (``docs/adding-an-algorithm.md``).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .sync import host_copy, to_device, to_host
 
 __all__ = [
     "ALGORITHMS",
@@ -185,6 +193,8 @@ class Algorithm(nn.Module):
         self.value: Tensor = torch.tensor(float("nan"), dtype=dtype)
         self.overflow: Tensor | None = None
         self.grad_nu: Tensor | None = None
+        # host mirror of nu_set: which rows have a dual, known without a device read
+        self._host_set = _HostMask(self.nu_set)
 
     def set_epoch(self, epoch: int, epochs: int | None = None) -> None:
         """Set the 1-based epoch (and the total, unless given to :func:`build`) that
@@ -205,6 +215,42 @@ class Algorithm(nn.Module):
         return self.epoch, self.epochs
 
     # -- helpers ------------------------------------------------------------
+    def _device_index(self, index: Tensor) -> Tensor:
+        """``index`` where the duals are: a host index is copied without a sync."""
+        return index if index.device == self.nu.device else index.to(self.nu.device, non_blocking=True)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda() replace nu_set by a copy with the same values: the host mirror stays valid
+        valid = self._host_set.valid(self.nu_set)
+        out = super()._apply(fn, *args, **kwargs)
+        if valid:
+            self._host_set.rebind(self.nu_set)
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.nu_set.device.type == "cpu":  # refresh the mirror now, where it costs no sync
+            self._host_set.get(self.nu_set)
+
+    def visited(self, index: Tensor) -> Tensor:
+        """Host (B,) bool: whether each row of ``index`` has a dual (``nu_set``), from the
+        host mirror: no device read for a host ``index`` (a device one costs one)."""
+        return self._host_set.get(self.nu_set)[to_host(index)]
+
+    def write_duals(self, index: Tensor, nu: Tensor, visited: Tensor | bool) -> None:
+        """``nu[index] = nu``, ``nu_set[index] = visited`` from outside a step (e.g.
+        :class:`xcent.SparseSoftmaxHead` undoing and replaying a forward's dual write),
+        keeping the host mirror of ``nu_set`` in step. ``visited``: a bool or a host
+        (B,) bool tensor; ``index``: host or device (a device one costs one read)."""
+        index_host = to_host(index)
+        valid = self._host_set.valid(self.nu_set)
+        index = self._device_index(index)
+        self.nu[index] = nu.to(self.nu.dtype)
+        flags = visited if isinstance(visited, bool) else to_device(self.nu_set.device, visited)[0]
+        self.nu_set[index] = flags
+        if valid:
+            self._host_set.mark(self.nu_set, index_host, visited)
+
     def _read_nu(self, index: Tensor, init: Tensor) -> tuple[Tensor, Tensor]:
         """Old duals of the batch rows, with unset rows replaced by ``init``.
         Returns ``(nu_old, first_visit)``."""
@@ -214,10 +260,13 @@ class Algorithm(nn.Module):
         nu_old = torch.where(first, init, self.nu[index].to(init.dtype))
         return nu_old, first
 
-    def _write_nu(self, index: Tensor, nu_new: Tensor) -> None:
+    def _write_nu(self, index: Tensor, nu_new: Tensor, index_host: Tensor | None) -> None:
         # Rows repeated within a batch get identical values, so the write is exact.
+        valid = index_host is not None and self._host_set.valid(self.nu_set)
         self.nu[index] = nu_new.to(self.nu.dtype)
         self.nu_set[index] = True
+        if valid:  # else the mirror is left stale: rebuilt, with one read, when next asked
+            self._host_set.mark(self.nu_set, index_host, True)
 
     # -- the rule -----------------------------------------------------------
     def dual_step(self, nu: Tensor, log_s: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
@@ -236,13 +285,15 @@ class Algorithm(nn.Module):
         """Update the duals of ``index`` and return ``G`` (B, K) (no autograd)."""
         if self.scheduled:
             self._schedule()
+        index_host = index if index.device.type == "cpu" else None
+        index = self._device_index(index)
         rows = _RowExp(logits)
         log_s = rows.log_row_stat()
         nu_old, first = self._read_nu(index, log_s)
         nu_new, nu_grad = self.dual_step(nu_old, log_s)
         nu_new = torch.where(first, log_s, nu_new)
         nu_grad = torch.where(first, log_s, nu_grad)
-        self._write_nu(index, nu_new)
+        self._write_nu(index, nu_new, index_host)
         self.grad_nu = nu_grad
         self.value = _dual_value(log_s, nu_grad)
         return self._exp_weights(rows, nu_grad)
@@ -266,14 +317,15 @@ class Algorithm(nn.Module):
 
     def _exp_weights(self, rows: _RowExp, nu: Tensor) -> Tensor:
         """``G = exp(z - nu) / (B m)`` from the row exponentials of the logits,
-        recording in ``self.overflow`` whether an exponent had to be saturated, i.e.
-        the exact arithmetic leaves the dtype's safe range: the trainer treats that
-        as divergence, where the reference implementation's code would start
-        producing inf/NaN. (``max_ij (z_ij - nu_i) = max_i (M_i - nu_i)``: B values,
-        not a pass over the (B, K) matrix.)"""
+        recording in ``self.overflow`` (a device flag, never read here) whether an
+        exponent had to be saturated, i.e. the exact arithmetic leaves the dtype's
+        safe range: the trainer treats that as divergence, where the reference
+        implementation's code would start producing inf/NaN.
+        (``max_ij (z_ij - nu_i) = max_i (M_i - nu_i)``: B values, not a pass over the
+        (B, K) matrix.)"""
         shift = rows.row_max - nu
         self.overflow = shift.amax() > max_exponent(shift.dtype)
-        return rows.weights(nu, shift, self.overflow)
+        return rows.weights(shift)
 
     def forward(self, logits: Tensor, index: Tensor) -> Tensor:
         """Update the duals of ``index`` and return the surrogate loss.
@@ -303,9 +355,12 @@ class _RowExp:
     finite entries) gives ``log s_i = log sum_j E_ij + M_i - log m``, and then
     ``exp(z_ij - nu_i) = E_ij exp(M_i - nu_i)``: the gradient weights are a per-row
     rescaling of ``E``, in place, instead of a second exp over the matrix. Where
-    ``M_i - nu_i`` exceeds :func:`max_exponent` (so that the saturation of
-    ``exp(z - nu)`` could bind) the row falls back to the plain formula, which keeps
-    the saturated values ``exp(min(z - nu, max_exponent)) / (B m)`` exactly."""
+    ``M_i - nu_i`` exceeds :func:`max_exponent` the row's scale is saturated:
+    ``G_ij = E_ij exp(max_exponent) / (B m)``, so the row's largest weight is
+    ``exp(max_exponent) / (B m)`` and the others keep their ratios to it. This is one
+    clamp of B values, branch-free (no device read to decide whether a row needs
+    it), and it changes nothing when no exponent saturates; where one does, the
+    algorithm has left the dtype's range (``overflow``) and the trainer stops."""
 
     def __init__(self, logits: Tensor):
         self.logits = logits
@@ -316,17 +371,51 @@ class _RowExp:
     def log_row_stat(self) -> Tensor:
         return self.log_sum + self.row_max - math.log(self.logits.shape[1] - 1)
 
-    def weights(self, nu: Tensor, shift: Tensor, overflow: Tensor) -> Tensor:
-        """``G_ij = exp(z_ij - nu_i) / (B m)`` (saturated as above),
-        given ``shift = M - nu`` and ``overflow = max(shift) > max_exponent``;
-        consumes ``E``."""
+    def weights(self, shift: Tensor) -> Tensor:
+        """``G_ij = exp(z_ij - nu_i) / (B m)`` (saturated as above), given
+        ``shift = M - nu``; consumes ``E``."""
         B, K = self.logits.shape
         scale = 1.0 / (B * (K - 1))
-        G = self.E.mul_((torch.exp(shift) * scale)[:, None])
-        if bool(overflow):  # rare (an ASGD dual far below log s): exact saturation
-            over = shift > max_exponent(shift.dtype)
-            G[over] = _saturated_exp(self.logits[over] - nu[over, None]) * scale
-        return G
+        return self.E.mul_((_saturated_exp(shift) * scale)[:, None])
+
+
+class _HostMask:
+    """A host copy of a bool buffer (``nu_set``), so that branching on it needs no
+    device read. Valid while the buffer is the same tensor at the same in-place
+    version (``Tensor._version``, which every in-place write bumps: a
+    ``load_state_dict``, a user's ``nu_set.fill_``); otherwise rebuilt with one read
+    (:func:`xcent.sync.host_copy`). ``.to()`` carries it over (:meth:`rebind`).
+    Writes through ``.data`` or NumPy views bypass the version and are not seen."""
+
+    def __init__(self, buf: Tensor):
+        # a new buffer is all False (unset): known without reading it
+        self.mask = torch.zeros(buf.shape, dtype=torch.bool)
+        self.rebind(buf)
+
+    def valid(self, buf: Tensor) -> bool:
+        return self._src() is buf and self._version == buf._version
+
+    def rebind(self, buf: Tensor) -> None:
+        self._src, self._version = weakref.ref(buf), buf._version
+
+    def get(self, buf: Tensor) -> Tensor:
+        if not self.valid(buf):
+            self.mask = host_copy(buf)
+            self.rebind(buf)
+        return self.mask
+
+    def __getstate__(self):  # a copy (pickle, deepcopy) re-reads its buffer once
+        return {"mask": self.mask, "_version": -1}
+
+    def __setstate__(self, state):
+        self.mask, self._version = state["mask"], state["_version"]
+        self._src = lambda: None
+
+    def mark(self, buf: Tensor, index_host: Tensor, value) -> None:
+        """``buf[index] = value`` was just written on the device (one in-place write
+        to a buffer this mirror was valid for): the same here."""
+        self.mask[index_host] = value
+        self._version = buf._version
 
 
 def _dual_value(log_s: Tensor, nu: Tensor) -> Tensor:
@@ -471,7 +560,12 @@ class ASGDSoftplus(Algorithm):
         self._schedule()
         B, K = logits.shape
         m = K - 1
-        any_fresh = bool((~self.nu_set[index]).any())
+        # which rows are on a first visit, from the host mirror of nu_set: no device read
+        # (a device index costs one read, to look it up)
+        index_host = to_host(index)
+        fresh = ~self.visited(index_host)
+        any_fresh, all_fresh = bool(fresh.any()), bool(fresh.all())
+        index = self._device_index(index)
         # log q at nu = 0 only initialises first visits, log q at the old nu only
         # steps revisits: each is computed only when some row needs it.
         if any_fresh:
@@ -481,13 +575,13 @@ class ASGDSoftplus(Algorithm):
         nu_old, first = self._read_nu(index, log_q0)
         x = self._shifted(logits, nu_old)
         terms = torch.sigmoid(x)  # rho e/(1 + rho e): both q (revisits) and G need it
-        if any_fresh and bool(first.all()):
+        if all_fresh:
             nu_new = log_q0
         else:
             # the dual step needs q itself, not its log: q = sum_j sigmoid(x_ij) / (rho m)
             q = terms.sum(dim=1) / (self.rho * m)
             nu_new = torch.where(first, log_q0, nu_old - self.rate * (1.0 - q))
-        self._write_nu(index, nu_new)
+        self._write_nu(index, nu_new, index_host)
         self.grad_nu = nu_old
         self.value = self._value(x)
         return terms.mul_(1.0 / (self.rho * B * m))

@@ -35,7 +35,7 @@ from .loggers import JsonlLogger, MultiLogger, TensorBoardLogger
 from .losses import build
 from .losses import get as get_algorithm
 from .rundir import Replacement, changed_settings, describe_changes, read_records, recover_replaced
-from .step import LazySGD, train_step
+from .step import LazySGD, StepMonitor, train_step
 
 log = logging.getLogger("xcent")
 
@@ -160,8 +160,8 @@ class LocalEngine:
         """The epoch's batches in ``order`` (:mod:`xcent.batches`; read ahead with --prefetch)."""
         return BatchLoader(self.data.train, order, self.c.batch_size, self.device, prefetch=self.c.prefetch)
 
-    def step(self, loss_fn, feats, labels, index, lr):
-        return train_step(self.weight, loss_fn, feats, labels, index, lr, optimizer=self.optimizer,
+    def step(self, loss_fn, feats, labels, index, lr, check_finite=True):
+        return train_step(self.weight, loss_fn, feats, labels, index, lr, check_finite, optimizer=self.optimizer,
                           precision=self.c.precision)
 
     def flush(self) -> None:
@@ -215,8 +215,9 @@ class ShardedEngine:
         return BatchLoader(self.data.train, order, self.c.batch_size, self.device, prefetch=self.c.prefetch,
                            rows_of=self._rows_of, finish=self._finish)
 
-    def step(self, loss_fn, feats, labels, index, lr):
-        return train_step(self.weight, loss_fn, feats, labels, index, lr, lo=self.lo, process_group=self.ctx.group,
+    def step(self, loss_fn, feats, labels, index, lr, check_finite=True):
+        return train_step(self.weight, loss_fn, feats, labels, index, lr, check_finite, lo=self.lo,
+                          process_group=self.ctx.group,
                           optimizer=self.optimizer, precision=self.c.precision)
 
     def flush(self) -> None:
@@ -537,34 +538,62 @@ def _loggers(c, run: RunDir, is_main: bool, steps_per_epoch: int, start_epoch: i
     return MultiLogger(epoch_log), MultiLogger(step_log)
 
 
-def _step_record(loss_fn, result, nu_old, first, nu_index) -> dict:
-    """The step log's statistics of one step, read with one device sync (called on
-    logging steps only): the surrogate, the reference implementation's ``loss`` and
-    ``gamma/*`` (the dual step weight of the batch's revisited rows), and
-    ``nu/mean|median|min|max`` of the batch's duals after the step."""
+GAMMA_KEYS = ("gamma/mean", "gamma/median", "gamma/min", "gamma/max")
+
+
+def _step_values(loss_fn, result, nu_old, first, nu_index) -> dict:
+    """The step log's statistics of one step as device values, read nowhere (the
+    caller reads them with the step monitor's check: one host read): the surrogate,
+    the reference implementation's ``loss`` and ``gamma/*`` (the dual step weight of
+    the batch's revisited rows), ``nu/mean|median|min|max`` of the batch's duals after
+    the step, and ``revisits`` (how many rows had a dual step: the ``gamma/*`` are
+    dropped when none had). The revisited rows are masked, not selected (a boolean
+    index would read the device)."""
     values = {"surrogate_loss": result.loss, "loss": loss_fn.reference_loss(result.num_distinct)}
     if loss_fn.grad_nu is not None:
         nu = loss_fn.nu[nu_index]
         values.update({"nu/mean": nu.mean(), "nu/median": nu.median(), "nu/min": nu.min(), "nu/max": nu.max()})
-        rate = loss_fn.dual_rate(nu_old[~first])
-        if isinstance(rate, torch.Tensor) and rate.numel():
-            values.update({"gamma/mean": rate.mean(), "gamma/median": rate.median(), "gamma/min": rate.min(),
-                           "gamma/max": rate.max()})
-        elif isinstance(rate, float) and bool((~first).any()):
-            values.update({k: torch.tensor(rate) for k in ("gamma/mean", "gamma/median", "gamma/min", "gamma/max")})
-    numbers = torch.stack([v.detach().to("cpu", torch.float64) for v in values.values()]).tolist()
-    return dict(zip(values, numbers))
+        revisit = ~first
+        rate = loss_fn.dual_rate(nu_old)  # elementwise, or one number: first visits are masked below
+        if isinstance(rate, torch.Tensor):
+            values.update({"gamma/mean": torch.where(revisit, rate, math.nan).nanmean(),
+                           "gamma/median": torch.where(revisit, rate, math.nan).nanmedian(),
+                           "gamma/min": torch.where(revisit, rate, math.inf).amin(),
+                           "gamma/max": torch.where(revisit, rate, -math.inf).amax()})
+        elif isinstance(rate, float):
+            values.update({k: torch.full((), rate, device=nu.device) for k in GAMMA_KEYS})
+        values["revisits"] = revisit.sum()
+    return {k: v.detach().to(torch.float64).reshape(()) for k, v in values.items()}
+
+
+def _step_record(values: dict, numbers: list) -> dict:
+    """The read numbers of :func:`_step_values` as the step log's fields."""
+    record = dict(zip(values, numbers))
+    if not record.pop("revisits", 0):
+        for k in GAMMA_KEYS:
+            record.pop(k, None)
+    return record
+
+
+def _diverged(bar, run: RunDir, c, epoch: int, step: int, lr: float):
+    bar.close()
+    last = ckpt_io.latest(run.checkpoints)
+    raise DivergenceError(
+        f"training diverged at epoch {epoch}, step {step} ({c.algorithm}, lr {lr:.4g}): "
+        f"non-finite loss or weights; lower --lr. Last good checkpoint: {last or 'none'}")
 
 
 def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, steps_per_epoch, epoch_log,
             step_log, echo, on_saved=None) -> dict:
     num_samples, batch_size, epochs, is_main = data.train.num_samples, c.batch_size, c.epochs, engine.is_main
-    every = c.log_every_steps if is_main else 0
+    every = c.log_every_steps  # on every rank: a step-log step is a check step, a collective under torchrun
     threads = ThreadPolicy(c.threads, device=engine.device)
     # the flops of an epoch's evaluation (train subset or none, val; 2 rows C D): sizes the probe's budget
     eval_rows = (len(subset) if subset is not None and c.train_loss != "running" else 0) \
         + data.splits["val"].num_samples
     eval_flops = 2.0 * eval_rows * data.num_classes * data.feature_dim
+    # the steps' health, read every --check-every-steps steps (xcent.step.StepMonitor)
+    monitor = StepMonitor(c.check_every_steps, engine.device, None if engine.ctx is None else engine.ctx.group)
 
     def finish_epoch(record):
         if is_main:
@@ -607,28 +636,31 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
                         batch_ce = engine.batch_full_ce_sum(feats, labels)
                     running_sum += batch_ce
                 logging_step = every > 0 and step % every == 0  # the reference's batches 0, 100, 200, ...
-                if logging_step:  # the old duals, for the dual step weight (a B-row gather, logging steps only)
-                    nu_index = index.to(loss_fn.nu.device)
+                if logging_step and is_main:  # the old duals, for the dual step weight (a B-row gather)
+                    nu_index = index.to(loss_fn.nu.device, non_blocking=True)
                     nu_old, first = loss_fn.nu[nu_index].clone(), ~loss_fn.nu_set[nu_index]
-                result = engine.step(loss_fn, feats, labels, index, lr)
+                result = engine.step(loss_fn, feats, labels, index, lr, check_finite=False)
                 if result.skipped:
                     skipped += 1
-                elif not result.finite:
-                    bar.close()
-                    last = ckpt_io.latest(run.checkpoints)
-                    raise DivergenceError(
-                        f"training diverged at epoch {epoch}, step {step + 1} ({c.algorithm}, lr {lr:.4g}): "
-                        f"non-finite loss or weights; lower --lr. Last good checkpoint: {last or 'none'}")
                 else:
+                    monitor.record(result.health, step + 1)
                     surrogate_sum += result.loss.double()
                     steps += 1
-                    if logging_step:
-                        record = {"epoch": epoch, "batch": step, "lr": lr,
-                                  **_step_record(loss_fn, result, nu_old, first, nu_index)}
+                if not result.skipped and (logging_step or monitor.due):  # one host read: health (+ step log)
+                    values = (_step_values(loss_fn, result, nu_old, first, nu_index) if logging_step and is_main
+                              else {})
+                    bad, numbers = monitor.check(torch.stack(list(values.values())) if values else None)
+                    if bad is not None:
+                        _diverged(bar, run, c, epoch, bad, lr)
+                    if values:
+                        record = {"epoch": epoch, "batch": step, "lr": lr, **_step_record(values, numbers)}
                         if c.train_loss == "running":
                             record["train_loss"] = batch_ce / len(index)
                         step_log.log_dict(record, (epoch - 1) * steps_per_epoch + step + 1)
                 bar.update(1)
+        bad, _ = monitor.check()  # every step of the epoch healthy before anything is evaluated or saved
+        if bad is not None:
+            _diverged(bar, run, c, epoch, bad, lr)
         bar.close()
         engine.flush()  # every row current (momentum / weight decay) before evaluating and saving
         train_seconds = time.perf_counter() - start
