@@ -58,9 +58,15 @@ def test_plan_floor_below_floor_rows():
     # the rows floor alone: S still holds one batch of rows (one class, in part; one row held out)
     assert small.over_budget and small.train_rows.numel() == 127 and small.held_rows.numel() == 1
     assert small.max_rows == 11 * 127 > small.budget_rows == 1000
-    # few classes: S holds MIN_CLASSES whole classes (the last in part at most), over the budget
+    # few classes: S holds MIN_CLASSES classes' worth of rows, over the budget
     few = make_plan(torch.arange(100_000) % 300, 300, 128, 6, seed=3, budget=0.2)
-    assert few.classes.numel() == MIN_CLASSES and few.over_budget
+    assert few.classes.numel() >= MIN_CLASSES and few.over_budget
+    assert few.train_rows.numel() + few.held_rows.numel() == 8000  # 24 x 100,000 / 300
+    # a long tail: one class of half the rows does not force the floor (2,000 classes > 1,320)
+    tail = torch.cat([torch.zeros(50_000, dtype=torch.long), torch.arange(50_000) % 2000])
+    for seed in range(5):
+        plan = make_plan(tail, 2000, 128, 6, seed=seed, budget=0.2)
+        assert not plan.over_budget and plan.max_rows <= 20_000
 
 
 @pytest.fixture(scope="module")

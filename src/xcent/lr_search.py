@@ -54,12 +54,12 @@ Cost, counted exactly in training rows: ``sum(schedule) * |rows of S|`` with
 ``|rows of S| = budget * num_samples // sum(schedule)``, i.e. at most ``budget``
 of an epoch (diverged candidates stop early and cost less), plus one scoring
 evaluation of the held-out rows per candidate-pass and one of the start, reported
-separately. The floor: S holds at least one batch of rows and :data:`MIN_CLASSES`
-(24) classes, because a search on fewer classes misses divergences; so the search
-costs more than ``budget`` of an epoch on splits under :func:`floor_rows`
-(``11 * batch / budget``: 7,040 rows at batch 128 and budget 0.2) or, whatever
-their size, on data with fewer than about :func:`floor_classes` classes
-(``24 * 11 / budget``: 1,320 at budget 0.2; exact for each plan:
+separately. The floor: S holds at least one batch of rows and the rows of
+:data:`MIN_CLASSES` (24) classes of mean size, because a search on fewer classes
+misses divergences; so the search costs more than ``budget`` of an epoch on splits
+under :func:`floor_rows` (``11 * batch / budget``: 7,040 rows at batch 128 and
+budget 0.2) or, whatever their size, on data with fewer than :func:`floor_classes`
+classes (``24 * 11 / budget``: 1,320 at budget 0.2; exact for each plan:
 ``SearchPlan.over_budget``); the result and the console say so. Training time
 follows rows, since the search's steps are the trainer's.
 
@@ -107,7 +107,8 @@ FACTOR, BELOW, ABOVE = 4.0, 3, 2
 #: passes over the search classes' rows (the leading candidates revisit each row
 #: PASSES - 1 times, where stale duals show)
 PASSES = 3
-#: fewest classes in S: with fewer, a batch's negatives are nearly the same few
+#: fewest classes in S (in rows: this many times the mean rows per class): with
+#: fewer, a batch's negatives are nearly the same few
 #: classes every step and the search misses divergences of the real run (measured:
 #: 300 classes of 36 rows, S of 5 classes picked a rate that diverged in epoch 2
 #: from a random start; with 24 or more classes, 24-76 measured, it did not)
@@ -152,11 +153,10 @@ def floor_rows(num_candidates: int, batch_size: int, budget: float, passes: int 
 
 
 def floor_classes(num_candidates: int, budget: float, passes: int = PASSES) -> int:
-    """The fewest classes (of even sizes) on which the search keeps to ``budget``:
-    S holds at least :data:`MIN_CLASSES` classes, whose rows are about
-    ``MIN_CLASSES / num_classes`` of the split, times ``sum(schedule)``
-    candidate-passes (long-tailed sizes move it either way: the plan's
-    ``over_budget`` is exact)."""
+    """The fewest classes (with training rows) on which the search keeps to
+    ``budget``: S holds at least :data:`MIN_CLASSES` times the mean rows per class,
+    ``MIN_CLASSES / num_classes`` of the split, in each of ``sum(schedule)``
+    candidate-passes (up to rounding; the plan's ``over_budget`` is exact)."""
     return math.ceil(MIN_CLASSES * sum(halving_schedule(num_candidates, passes)) / budget)
 
 
@@ -212,10 +212,10 @@ def make_plan(labels: Tensor, num_classes: int, batch_size: int, num_candidates:
     ``budget * num_samples`` training rows (exactly counted: ``plan.max_rows``),
     unless the split is under :func:`floor_rows`.
 
-    Classes are taken in a seeded random order until their rows reach
+    Classes are taken in a seeded random order until their rows reach the target
     ``budget * num_samples // sum(schedule)`` (the floor: at least one batch and
-    ``min_classes``, default :data:`MIN_CLASSES`), the last class only with as many
-    of its rows (a seeded choice) as fill it; then one
+    ``min_classes`` (default :data:`MIN_CLASSES`) times the mean rows per class), the
+    last class only with as many of its rows (a seeded choice) as fill it; then one
     row of each class of S that has two or more rows in S is held out (up to
     ``max_held``); the other rows of S are shuffled anew for each of the ``passes``
     passes and cut into batches of ``batch_size``."""
@@ -223,14 +223,16 @@ def make_plan(labels: Tensor, num_classes: int, batch_size: int, num_candidates:
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 424_242)
     schedule = halving_schedule(num_candidates, passes)
     budget_rows = int(budget * num_samples)
-    target = min(max(budget_rows // sum(schedule), batch_size), num_samples)
     counts = torch.bincount(labels, minlength=num_classes)
+    min_classes = MIN_CLASSES if min_classes is None else min_classes
+    # the floor: one batch, and min_classes classes' worth of rows at the mean class size
+    # (the rows of the first min_classes drawn would let one large class of a long tail
+    # force the floor on data with plenty of classes)
+    worth = math.ceil(min_classes * num_samples / max(int((counts > 0).sum()), 1))
+    target = min(max(budget_rows // sum(schedule), batch_size, worth), num_samples)
     order = torch.randperm(num_classes, generator=gen)
     order = order[counts[order] > 0]
     cumulative = counts[order].cumsum(0)
-    min_classes = MIN_CLASSES if min_classes is None else min_classes
-    if min_classes:  # the floor in classes: the rows of the first min_classes classes drawn
-        target = max(target, int(cumulative[min(min_classes, order.numel()) - 1]))
     take = min(int(torch.searchsorted(cumulative, torch.tensor(target))) + 1, order.numel())
     in_s = torch.zeros(num_classes, dtype=torch.bool)
     in_s[order[:take]] = True
@@ -299,7 +301,7 @@ class LrSearchResult:
                 f"{share:.3g} epoch), {self.seconds:.2f}s training + {self.eval_seconds:.2f}s scoring")
         if self.rows_trained > self.budget_rows:
             line += (f"; over the budget because the search trains at least {MIN_CLASSES} classes and one batch "
-                     f"a pass: data under about {self.floor_classes:,} classes or {self.floor_rows:,} rows")
+                     f"a pass: data with fewer than {self.floor_classes:,} classes or {self.floor_rows:,} rows")
         return line
 
     def as_records(self) -> list[dict]:

@@ -306,6 +306,11 @@ def _keep_best(run: RunDir, engine, loss_fn, metrics: dict, best: dict, c, data)
     engine.save(run, epoch, _meta(engine, loss_fn, epoch, best, c, data), name="best")
 
 
+#: --lr auto reads the search's training rows once when they hold at most this many
+#: floats (256 MiB in float32), else per step
+SEARCH_CACHE_FLOATS = 2**26
+
+
 def _prepare_start(c: TrainConfig, data: Dataset, engine, subset, run: RunDir, echo) -> TrainConfig:
     """A fresh run's start (before epoch 0): the data report, ``--init class-means``
     (:mod:`xcent.init`) and ``--lr auto`` (:mod:`xcent.lr_search`); returns the
@@ -343,7 +348,18 @@ def _prepare_start(c: TrainConfig, data: Dataset, engine, subset, run: RunDir, e
         loss_fn.set_epoch(1)
         return loss_fn
 
+    # S's training rows are read once (the search's time counts it) and every pass
+    # indexes them in memory, as the trainer's prefetch keeps its reads off the
+    # steps; S is at most budget / 11 of the split (capped, else read per step)
+    cached = []
+
     def step(loss_fn, index, local, lr):
+        if not cached and plan.rows_per_pass * data.feature_dim <= SEARCH_CACHE_FLOATS:
+            cached.append(engine.batch(plan.train_rows))
+        if cached:
+            feats, labels = cached[0]  # features on the device, labels on the host
+            return engine.step(loss_fn, feats.index_select(0, local.to(feats.device)), labels.index_select(0, local),
+                               local, lr)
         feats, labels = engine.batch(index)
         return engine.step(loss_fn, feats, labels, local, lr)
 
