@@ -172,10 +172,12 @@ def test_resolve_device():
         resolve_device("nonsense")
 
 
-@pytest.mark.parametrize("flag, faster, step_expected, eval_expected",
-                         [("auto", 2, 1, 2), ("auto", 1, 1, 1), ("1", 2, 1, 1)])
+@pytest.mark.parametrize("flag, faster, step_expected, eval_expected, start",
+                         [("auto", 2, 1, 2, []), ("auto", 1, 1, 1, []), ("1", 2, 1, 1, []),
+                          # the start's phases too: class-mean init scoring, lr-search steps and scoring
+                          ("auto", 2, 1, 2, ["--init", "class-means", "--lr", "auto"])])
 def test_train_runs_steps_and_evaluations_under_the_policy(tiny_data, tmp_path, monkeypatch, flag, faster,
-                                                            step_expected, eval_expected):
+                                                            step_expected, eval_expected, start):
     from xcent import train as train_mod
     from xcent.config import config_from_argv
 
@@ -193,12 +195,21 @@ def test_train_runs_steps_and_evaluations_under_the_policy(tiny_data, tmp_path, 
         seen["eval"].add(torch.get_num_threads())
         return real_eval(*args, **kwargs)
 
+    from xcent import init as init_mod
+
+    real_stats = init_mod.full_softmax_stats
+
+    def stats(*args, **kwargs):
+        seen["eval"].add(torch.get_num_threads())
+        return real_stats(*args, **kwargs)
+
     monkeypatch.setattr(train_mod, "train_step", step)
     monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    monkeypatch.setattr(init_mod, "full_softmax_stats", stats)
     before = torch.get_num_threads()
     with ThreadPolicy.use(2):  # as on a 2-core machine, whatever this one has
         c = config_from_argv(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "1",
-                              "--device", "cpu", "--threads", flag])
+                              "--device", "cpu", "--threads", flag, *start])
         train_mod.train(c, echo=lambda *_: None)
         assert torch.get_num_threads() == 2  # the caller's count is restored
     assert torch.get_num_threads() == before

@@ -324,9 +324,11 @@ def _prepare_start(c: TrainConfig, data: Dataset, engine, subset, run: RunDir, e
         write_text_atomic(run.path / "data_report.json", json.dumps(report, indent=2) + "\n")
     echo(format_report(report))
     scale = None
+    threads = ThreadPolicy(c.threads, device=engine.device)  # as the epochs: per phase
     if c.init == "class-means":
         start = time.perf_counter()
-        init = class_means_init(data.train, data.num_classes, subset, ctx=engine.ctx, device=engine.device)
+        with threads.evaluation(data.feature_dim):  # full-softmax scoring of held-out rows, repeatedly
+            init = class_means_init(data.train, data.num_classes, subset, ctx=engine.ctx, device=engine.device)
         engine.weight = init.weight.to(engine.device, torch.float32).contiguous()
         scale = init.scale
         echo(f"init: class means x {scale:.4g} (CE {init.loss:.4f}, top-1 {init.top1:.4f} on training rows held "
@@ -374,9 +376,15 @@ def _prepare_start(c: TrainConfig, data: Dataset, engine, subset, run: RunDir, e
     engine.optimizer = _row_optimizer(engine.weight, c.replace(momentum=0.0, weight_decay=0.0), None, engine.lo,
                                       engine.lo + engine.weight.shape[0])
     safety = SAFETY if scale is None else SAFETY_CLASS_MEANS
-    result = search_lr(plan, candidates, data.num_classes, engine.weight, engine.lo, make_loss, step,
-                       lambda: engine.evaluate(data.train, rows=plan.held_rows), start_rows, guess=guess,
-                       safety=safety, batch_size=c.batch_size)
+    held_flops = 2.0 * plan.held_rows.numel() * data.num_classes * data.feature_dim
+
+    def score():
+        with threads.evaluation(data.feature_dim, held_flops):
+            return engine.evaluate(data.train, rows=plan.held_rows)
+
+    with ThreadPolicy.use(threads.step_threads(c.batch_size, data.feature_dim)):  # the candidates' steps
+        result = search_lr(plan, candidates, data.num_classes, engine.weight, engine.lo, make_loss, step, score,
+                           start_rows, guess=guess, safety=safety, batch_size=c.batch_size)
     if c.momentum:
         result.best_lr *= 1.0 - c.momentum
         result.rule += f", x (1 - momentum {c.momentum:g})"
