@@ -36,7 +36,7 @@ def train_once(data: Path, out: Path, B: int, threads: str, prefetch: bool) -> f
     env.pop("OMP_NUM_THREADS", None)
     cmd = [sys.executable, "-m", "xcent", "train", "--data-dir", str(data), "--out-dir", str(out), "--name", "p",
            "--epochs", "1", "--device", "cpu", "--batch-size", str(B), "--threads", threads,
-           "--prefetch", "true" if prefetch else "false", "--train-eval-size", "1000", "--check-features", "false",
+           "--prefetch", "on" if prefetch else "off", "--train-eval-size", "1000", "--check-features", "false",
            "--keep-best", "false", "--log-every-steps", "0", "--overwrite", "true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

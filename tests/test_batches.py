@@ -9,7 +9,7 @@ import torch
 from conftest import read_jsonl
 
 from xcent import cli
-from xcent.batches import THREAD_NAME, BatchLoader, batch_index, read_batch
+from xcent.batches import THREAD_NAME, BatchLoader, batch_index, prefetch_enabled, read_batch
 from xcent.config import config_from_argv
 from xcent.data import load_split, write_split
 from xcent.errors import DivergenceError, UsageError
@@ -118,13 +118,13 @@ def config(data, out, name, *extra):
 
 
 def test_trainer_results_are_the_same_with_and_without_prefetch(tiny_data, tmp_path):
-    for name, flag in (("on", "true"), ("off", "false")):
+    for name, flag in (("on", "on"), ("off", "off")):
         train(config(tiny_data, tmp_path, name, "--epochs", 2, "--batch-size", 48, "--log-every-steps", 3,
                      "--prefetch", flag), echo=lambda *_: None)
     a = load_ckpt(tmp_path / "on" / "checkpoints" / "epoch_2.pt")
     b = load_ckpt(tmp_path / "off" / "checkpoints" / "epoch_2.pt")
     assert torch.equal(a["weight"], b["weight"]) and torch.equal(a["nu"], b["nu"])
-    assert a["config"]["prefetch"] is True and b["config"]["prefetch"] is False
+    assert a["config"]["prefetch"] == "on" and b["config"]["prefetch"] == "off"
     steps = read_jsonl(tmp_path / "on" / "steps_on.jsonl")
     assert steps and steps == read_jsonl(tmp_path / "off" / "steps_off.jsonl")
 
@@ -141,7 +141,7 @@ def test_trainer_read_error_is_one_line_exit_2(tiny_data, tmp_path, capsys, monk
 
     monkeypatch.setattr(Split, "gather", failing)
     code = cli.main(["train", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "e",
-                     "--epochs", "2", "--batch-size", "64"])
+                     "--epochs", "2", "--batch-size", "64", "--prefetch", "on"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("xcent train: error:") and "features.npy: cannot be read" in err[0]
@@ -154,7 +154,7 @@ def test_divergence_leaves_no_thread(tmp_path):
                     rng.integers(0, 20, n))
     with pytest.raises(DivergenceError):
         train(config(tmp_path / "d", tmp_path, "div", "--algorithm", "asgd", "--lr", 1e6, "--epochs", 3,
-                     "--batch-size", 16), echo=lambda *_: None)
+                     "--batch-size", 16, "--prefetch", "on"), echo=lambda *_: None)
     # the autouse fixture checks that no batch thread is left
 
 
@@ -176,3 +176,45 @@ def test_cuda_batches_are_pinned_and_never_overwritten_in_flight(tmp_path, prefe
     torch.cuda.synchronize()
     for index, feats in kept:
         assert torch.equal(feats.cpu(), full[index])
+
+
+def test_prefetch_auto_is_on_with_cuda_only():
+    assert prefetch_enabled("auto", "cuda") and prefetch_enabled("auto", "cuda:1")
+    assert not prefetch_enabled("auto", "cpu")
+    assert prefetch_enabled("on", "cpu") and not prefetch_enabled("off", "cuda")
+    with pytest.raises(ValueError):
+        prefetch_enabled("yes", "cpu")
+
+
+def test_bad_prefetch_value_is_one_line(tiny_data, tmp_path, capsys):
+    code = cli.main(["train", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--prefetch", "maybe"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--prefetch" in err[0]
+    assert not tmp_path.joinpath("scent").exists()
+
+
+def test_class_sharded_prefetch_equals_reading_in_the_loop(tmp_path):
+    """Under torchrun each rank reads its slice ahead in the thread and all-gathers on the
+    training thread: the same run as without prefetch (2 gloo processes each)."""
+    import os
+    import subprocess
+    import sys
+
+    from xcent.data import synthesize
+
+    synthesize(tmp_path / "data", num_classes=45, feature_dim=8, num_samples=700, seed=5, noise=0.6)
+    for i, mode in enumerate(("on", "off")):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(29000 + (os.getpid() + 7 * i) % 400), "-m", "xcent", "train", "--data-dir", str(tmp_path / "data"),
+               "--out-dir", str(tmp_path / "out"), "--name", mode, "--epochs", "2", "--batch-size", "48",
+               "--train-eval-size", "200", "--prefetch", mode]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for shard in ("shard_00000.pt", "shard_00001.pt"):
+        a = torch.load(tmp_path / "out" / "on" / "checkpoints" / "epoch_2" / shard, weights_only=True)["weight"]
+        b = torch.load(tmp_path / "out" / "off" / "checkpoints" / "epoch_2" / shard, weights_only=True)["weight"]
+        assert torch.equal(a, b)
+    a = torch.load(tmp_path / "out" / "on" / "checkpoints" / "epoch_2" / "manifest.pt", weights_only=True)
+    b = torch.load(tmp_path / "out" / "off" / "checkpoints" / "epoch_2" / "manifest.pt", weights_only=True)
+    assert torch.equal(a["nu"], b["nu"])

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .data import Split, _torch_dtype
 
-__all__ = ["Batch", "BatchLoader", "THREAD_NAME", "batch_index", "read_batch"]
+__all__ = ["Batch", "BatchLoader", "THREAD_NAME", "batch_index", "prefetch_enabled", "read_batch"]
 
 #: name of the background thread (tests look for leaked ones by it)
 THREAD_NAME = "xcent-batches"
@@ -60,6 +60,19 @@ def batch_index(order: Tensor, step: int, batch_size: int) -> Tensor:
     """The training rows of batch ``step`` of an epoch whose row order is ``order``:
     ``order[step B : (step + 1) B]``, sorted (the last batch may be shorter)."""
     return order[step * batch_size:(step + 1) * batch_size].sort().values
+
+
+def prefetch_enabled(setting: str, device) -> bool:
+    """``--prefetch auto|on|off`` on ``device``. ``auto`` is on with CUDA, where the read
+    and the copy leave the critical path by design, and off on the CPU: there the read
+    is ~10% of a B = 128 step at most, and on a loaded 2-core machine the second thread
+    lost more than that (GIL hand-offs and wake-ups wait for a time slice;
+    ``benchmarks/prefetch.py``, ``docs/performance.md``)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"prefetch must be auto, on or off, got {setting!r}")
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return setting == "on"
 
 
 @dataclass

@@ -104,9 +104,10 @@ class TrainConfig:
     low_memory: bool = _help("unmap feature pages after every batch (.npy splits): peak RSS stays near the "
                              "weight instead of growing to the split's size, at about 0.3 ms per step",
                              default=False)
-    prefetch: bool = _help("read the next batch from the memory-mapped split in a background thread while the "
-                           "current step runs (pinned memory and non-blocking copies on a GPU); the same batches "
-                           "either way (docs/performance.md)", default=True)
+    prefetch: Literal["auto", "on", "off"] = _help(
+        "read the next batch from the memory-mapped split in a background thread while the current step runs "
+        "(into pinned memory, copied non-blocking, on a GPU); auto: on with CUDA, off on the CPU, where it lost on "
+        "a loaded 2-core machine (docs/performance.md); the same batches either way", default="auto")
     dist_timeout: float = _help("seconds a collective may wait under torchrun before the job fails (a dead peer)",
                                 default=300.0)
     logger: str = _help("comma list of metric loggers: jsonl (OUT/eval_NAME.jsonl and steps_NAME.jsonl, always "

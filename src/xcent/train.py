@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from . import modelio as ckpt_io
-from .batches import BatchLoader, read_batch
+from .batches import BatchLoader, prefetch_enabled, read_batch
 from .classifier import full_softmax_stats, init_weight
 from .config import TrainConfig
 from .data import Dataset, load_dataset
@@ -157,8 +157,9 @@ class LocalEngine:
         return b.features, b.labels
 
     def batches(self, order) -> BatchLoader:
-        """The epoch's batches in ``order`` (:mod:`xcent.batches`; read ahead with --prefetch)."""
-        return BatchLoader(self.data.train, order, self.c.batch_size, self.device, prefetch=self.c.prefetch)
+        """The epoch's batches in ``order`` (:mod:`xcent.batches`; read ahead per --prefetch)."""
+        return BatchLoader(self.data.train, order, self.c.batch_size, self.device,
+                           prefetch=prefetch_enabled(self.c.prefetch, self.device))
 
     def step(self, loss_fn, feats, labels, index, lr, check_finite=True):
         return train_step(self.weight, loss_fn, feats, labels, index, lr, check_finite, optimizer=self.optimizer,
@@ -210,10 +211,11 @@ class ShardedEngine:
         return self._finish(b.features, b.index), b.labels
 
     def batches(self, order) -> BatchLoader:
-        """The epoch's batches: each rank reads its slice ahead in a thread (--prefetch);
+        """The epoch's batches: each rank reads its slice ahead in a thread (per --prefetch);
         the all-gather runs on the training thread, in step order on every rank."""
-        return BatchLoader(self.data.train, order, self.c.batch_size, self.device, prefetch=self.c.prefetch,
-                           rows_of=self._rows_of, finish=self._finish)
+        return BatchLoader(self.data.train, order, self.c.batch_size, self.device,
+                           prefetch=prefetch_enabled(self.c.prefetch, self.device), rows_of=self._rows_of,
+                           finish=self._finish)
 
     def step(self, loss_fn, feats, labels, index, lr, check_finite=True):
         return train_step(self.weight, loss_fn, feats, labels, index, lr, check_finite, lo=self.lo,
