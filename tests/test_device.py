@@ -215,6 +215,9 @@ def test_train_runs_steps_and_evaluations_under_the_policy(tiny_data, tmp_path, 
     assert torch.get_num_threads() == before
     assert seen["step"] == {step_expected}
     assert seen["eval"] == {eval_expected}
+    # the probe's choice is in the run's log (auto only: a number is not probed)
+    logged = "".join(p.read_text() for p in tmp_path.rglob("out.log"))
+    assert (f"evaluation threads: {faster} (probe" in logged) == (flag == "auto")
 
 
 def test_train_refuses_a_bad_threads_value(tiny_data, tmp_path, capsys):
