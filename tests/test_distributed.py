@@ -51,11 +51,14 @@ def assert_same_run(a_dir, b_dir, epoch=2, tol=1e-5):
     torch.testing.assert_close(a["nu"], b["nu"], rtol=tol, atol=tol, equal_nan=True)
 
 
-@pytest.mark.parametrize("algorithm", ["scent", "sox", "bsgd"])
-def test_two_processes_equal_one(dist_data, algorithm):
-    single(dist_data, f"p1_{algorithm}", "--algorithm", algorithm)
+# scent and bsgd from the default class-mean start (the init is class-sharded too); sox from
+# the random start: from the class-mean start on this 8-d data its tuned lr diverges in
+# epoch 2, where its scheduled dual rate is 1e-5 (docs/own-data.md)
+@pytest.mark.parametrize("algorithm, init", [("scent", "class-means"), ("sox", "random"), ("bsgd", "class-means")])
+def test_two_processes_equal_one(dist_data, algorithm, init):
+    single(dist_data, f"p1_{algorithm}", "--algorithm", algorithm, "--init", init)
     args = ["--data-dir", str(dist_data / "data"), "--out-dir", str(dist_data / "out"), "--name",
-            f"p2_{algorithm}", "--algorithm", algorithm, *COMMON]
+            f"p2_{algorithm}", "--algorithm", algorithm, "--init", init, *COMMON]
     proc = torchrun(2, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = dist_data / "out"

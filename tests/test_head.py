@@ -391,7 +391,7 @@ def test_xcent_train_momentum_weight_decay(tiny_data, tmp_path):
     def args(name, *extra):
         return ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", name, "--epochs", "2",
                 "--batch-size", "50", "--train-eval-size", "100", "--lr", "2.0", "--momentum", "0.9",
-                "--weight-decay", "0.01", *extra]
+                "--weight-decay", "0.01", "--init", "random", *extra]  # the replay starts from init_weight
 
     run_train(config_from_argv(args("full")), echo=lambda *_: None)
     ckpt = load_ckpt(tmp_path / "full" / "checkpoints" / "epoch_2.pt")

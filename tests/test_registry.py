@@ -229,7 +229,8 @@ def test_a_seventh_algorithm_is_one_class_and_one_entry(toy, tiny_data, tmp_path
 
     # the trainer: its flag comes from the registry, its range is checked, it trains
     base = ["train", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--algorithm", "toy",
-            "--epochs", "2", "--batch-size", "64", "--train-eval-size", "0"]
+            "--epochs", "2", "--batch-size", "64", "--train-eval-size", "0",
+            "--init", "random"]  # from the untrained model, so that learning shows
     assert cli.main(base + ["--toy-tau", "1.5"]) == 2
     assert "--toy-tau 1.5: must be in (0, 1] for toy" in capsys.readouterr().err
     assert cli.main(base + ["--toy-tau", "0.25"]) == 0

@@ -16,6 +16,7 @@ from xcent.classifier import init_weight
 from xcent.config import config_from_argv
 from xcent.data import load_dataset, synthesize, write_split
 from xcent.evaluate import evaluate
+from xcent.init import class_means_init
 from xcent.modelio import load as load_ckpt
 from xcent.train import lr_at, train
 
@@ -43,7 +44,7 @@ def test_lr_schedule_closed_form():
 
 def test_cli_run_writes_outputs_and_curves_start_at_log_c(tiny_data, tmp_path, capsys):
     code = cli.main(["train", *run_args(tiny_data, tmp_path, "r", "--epochs", 3, "--batch-size", 32,
-                                        "--algorithm", "scent", "--lr", 2.0)])
+                                        "--algorithm", "scent", "--lr", 2.0, "--init", "random")])
     assert code == 0
     out = tmp_path / "r"
     records = read_jsonl(out / "eval_r.jsonl")
@@ -136,12 +137,15 @@ def test_resume_is_exact(tiny_data, tmp_path, monkeypatch, algorithm):
 
 def test_running_train_loss_is_the_seed_mean_full_ce(tiny_data, tmp_path):
     """With a vanishing lr the model does not move, so the running mean of each batch's
-    full CE equals the full CE of the initial model over the whole train split."""
-    last = train(config(tiny_data, tmp_path, "run", "--epochs", 1, "--lr", 1e-12, "--train-loss", "running",
-                        "--batch-size", 50), echo=lambda *_: None)
+    full CE equals the full CE of the initial model over the whole train split: the
+    reference implementation's random start, and the default class-mean start."""
     data = load_dataset(tiny_data)
-    expected = evaluate(data.train, init_weight(data.num_classes, data.feature_dim, 42))["loss"]
-    assert last["train_loss"] == pytest.approx(expected, rel=1e-6)
+    starts = {"random": init_weight(data.num_classes, data.feature_dim, 42),
+              "class-means": class_means_init(data.train, data.num_classes, None).weight}  # 20,000 > N: all rows
+    for init, weight in starts.items():
+        last = train(config(tiny_data, tmp_path, init, "--epochs", 1, "--lr", 1e-12, "--train-loss", "running",
+                            "--batch-size", 50, "--init", init), echo=lambda *_: None)
+        assert last["train_loss"] == pytest.approx(evaluate(data.train, weight)["loss"], rel=1e-5)
 
 
 def test_subset_train_loss_all_rows(tiny_data, tmp_path):
@@ -159,7 +163,9 @@ def test_single_label_batches_are_skipped_and_counted(tmp_path):
     last = train(config(data, tmp_path, "k1", "--epochs", 1, "--batch-size", 4), echo=lambda *_: None)
     assert last["skipped_steps"] == 3
     ckpt = load_ckpt(tmp_path / "k1" / "checkpoints" / "epoch_1.pt")
-    assert torch.equal(ckpt["weight"], init_weight(2, 4, 42))
+    # no step taken: the weight is the start (class means; class 1 has no training rows: zero)
+    start = class_means_init(load_dataset(data).train, 2, None).weight
+    assert torch.equal(ckpt["weight"], start) and not start[1].any()
     assert math.isfinite(last["val_loss"])
 
 

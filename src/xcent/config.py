@@ -125,8 +125,10 @@ class TrainConfig:
                          "it) or a number for every phase",
                          default="auto")
     init: Literal["random", "class-means"] = _help(
-        "random: N(0, 0.01^2); class-means: unit class means of the training rows times one scale, the one "
-        "minimising the CE of training rows held out of the means (docs/own-data.md)", default="random")
+        "class-means: unit class means of the training rows times one scale, the one minimising the CE of "
+        "training rows held out of the means (docs/own-data.md); random: N(0, 0.01^2), the reference "
+        "implementation's start, whose epoch-0 loss is log C (pass it to reproduce the paper's curves). A resumed "
+        "run keeps the start it had", default="class-means")
     lr_search_budget: float = _help("--lr auto: training rows of all candidates together, as a share of one epoch",
                                     default=0.2)
     keep_best: bool = _help("keep checkpoints/best.pt (best/ under torchrun): the epoch with the best --best-by",

@@ -46,6 +46,7 @@ __all__ = [
     "class_means_rows",
     "class_sums",
     "golden_section_log",
+    "mean_log_row_stat",
     "probe_rows",
     "scale_class_means_",
 ]
@@ -57,6 +58,13 @@ GOLDEN_STEPS = 20
 #: algorithms' dual arithmetic needs: on separable data the held-out CE keeps falling
 #: as ``s`` grows, and scent then overflowed at any learning rate
 SCALE_BRACKET = (0.1, 40.0)
+#: the scale search admits only scales whose probe rows have a mean ``log s_i`` (the
+#: statistic the duals track) of at least ``-DUAL_FLOOR`` (see :func:`scale_class_means_`).
+#: Measured at the tuned learning rates: with a floor of 10, SCENT diverged on
+#: ``xcent demo``'s data; with 8, ASGD diverged at batch 40 on the tests' tiny data (in its
+#: last epoch, where its dual step is 0); with 7 and 6 all six algorithms trained on both.
+#: 6 keeps a margin; on data the class means do not separate it does not bind
+DUAL_FLOOR = 6.0
 
 
 @dataclass
@@ -170,7 +178,7 @@ def probe_rows(num_samples: int, subset: Tensor | None) -> Tensor:
 def class_means_init(split: Split, num_classes: int, subset: Tensor | None = None, ctx=None,
                      chunk_rows: int = 8192, steps: int = GOLDEN_STEPS, device="cpu") -> InitResult:
     """The class-mean weight ``s * m_c / |m_c|`` with ``s`` minimising the full-softmax
-    CE of held-out training rows.
+    CE of held-out training rows, subject to the dual floor (:func:`scale_class_means_`).
 
     The probe rows (:func:`probe_rows` of ``subset``) are left out of the class means
     while ``s`` is searched: on their own means, training rows are classified far
@@ -213,23 +221,48 @@ def scale_class_means_(sums: Tensor, counts: Tensor, x: Tensor, y: Tensor, lo: i
     rows are added back and the weight is ``s`` times the unit means of all rows.
     ``group``: a process group when the classes are sharded over its ranks (every
     rank takes the same decisions: the statistics it all-reduces are identical);
-    None: one process, ``sums`` holds every class. Arithmetic in ``sums``' dtype and
-    on its device."""
+    None: one process, ``sums`` holds every class. On ``sums``' device; the weight in
+    its dtype, the probes in float64 (below).
+
+    **The dual floor.** A scale is admissible only while the held-out rows' mean of
+    ``log s_i = log mean_{j != y_i} exp(z_ij)`` (:func:`mean_log_row_stat`: the
+    quantity each row's dual ``nu_i`` tracks, ``z_ij = (w_j - w_{y_i}) . x_i``) stays
+    at or above ``-`` :data:`DUAL_FLOOR`; inadmissible scales score +inf, which keeps
+    the search unimodal (the statistic falls as ``s`` grows while the rows are
+    classified right). On data the class means separate, the CE keeps falling up to
+    the bracket's top and the duals start near ``log s = -30``, where SCENT's dual
+    step ``sigmoid(gamma + nu)`` (gamma 12) no longer moves them and ASGD's scheduled
+    step reaches 0: the first logits that rise then get weights ``exp(z - nu)`` in
+    the thousands, and SCENT and ASGD diverged at their tuned learning rates
+    (``xcent demo``'s data, the tests' tiny data).
+
+    **Exactness.** The probes are evaluated in float64 (a float64 copy of the unit
+    held-out means, twice the weight's memory while searching; the scaled rows,
+    logits and log-sum-exp), in one process and class-sharded alike: in float32 the
+    CE differed between the two reductions by ~1e-7 relative, which on the flat
+    bottom of the CE flipped golden-section comparisons and moved the chosen scale
+    by 0.16%; in float64 the differences (~1e-16) stay far below those between
+    probes."""
     from . import distributed as xd
 
     hi = lo + sums.shape[0]
     x, y = x.to(device=sums.device, dtype=sums.dtype), y.to(device=sums.device, dtype=torch.long)
+    num_classes = sums.shape[0]
+    if group is not None:
+        total = torch.tensor([num_classes], dtype=torch.long, device=sums.device)
+        torch.distributed.all_reduce(total, group=group)
+        num_classes = int(total.item())
     own = (y >= lo) & (y < hi)
     seen_t = (counts > 0).sum().to(device=sums.device, dtype=torch.long).reshape(1)
     if group is not None:
         torch.distributed.all_reduce(seen_t, group=group)
     seen = int(seen_t.item())
     held_norms = _normalize_rows_(sums)
-    directions = sums
+    directions, x64 = sums.to(torch.float64), x.to(torch.float64)
 
     def stats(scale: float, eval_rows: int = 4096):
-        for start in range(0, x.shape[0], eval_rows):
-            xs, ys = x[start:start + eval_rows] * scale, y[start:start + eval_rows]
+        for start in range(0, x64.shape[0], eval_rows):
+            xs, ys = x64[start:start + eval_rows] * scale, y[start:start + eval_rows]
             if group is None:
                 yield full_softmax_stats(xs, ys, directions)
             else:
@@ -238,18 +271,37 @@ def scale_class_means_(sums: Tensor, counts: Tensor, x: Tensor, y: Tensor, lo: i
     results: dict[float, dict] = {}
 
     def ce(scale: float) -> float:
-        results[scale] = summarize(stats(scale))
+        chunks = list(stats(scale))
+        results[scale] = summarize(chunks)
+        results[scale]["mean_log_row_stat"] = mean_log_row_stat(chunks, num_classes)
+        if results[scale]["mean_log_row_stat"] < -DUAL_FLOOR:
+            return math.inf  # beyond the dual floor
         return results[scale]["loss"]
 
     # the bracket in units of the typical feature norm, so it fits any feature scale
-    mean_norm = float(x.norm(dim=1).mean()) or 1.0
+    mean_norm = float(x64.norm(dim=1).mean()) or 1.0
     scale, _, probes = golden_section_log(ce, SCALE_BRACKET[0] / mean_norm, SCALE_BRACKET[1] / mean_norm, steps)
     held = results[scale]
+    directions = x64 = None  # free the float64 copies before the weight is finished
     # back to the sums of all training rows, then the final directions
     sums.mul_(held_norms).index_add_(0, y[own] - lo, x[own])
     _normalize_rows_(sums)
     sums.mul_(scale)
     return InitResult(sums, scale, held["loss"], held["top1"], held["top5"], seen, probes)
+
+
+def mean_log_row_stat(chunk_stats: list[tuple[Tensor, Tensor, Tensor]], num_classes: int) -> float:
+    """The mean over rows of ``log s_i = log mean_{j != y_i} exp(z_ij)``, from the
+    ``(lse, target, rank)`` of :func:`xcent.classifier.full_softmax_stats`:
+    ``sum_{j != y} exp(z_ij) = exp(CE_i) - 1``, so ``log s_i = log expm1(CE_i) -
+    log(C - 1)``. ``CE_i`` is floored at 1e-15 (below it the float64 difference
+    ``lse - target`` is rounding), i.e. ``log s_i`` at about ``-34.5 - log(C - 1)``."""
+    total, count = 0.0, 0
+    for lse, target, _ in chunk_stats:
+        row_ce = (lse.double() - target.double()).clamp_min(1e-15)
+        total += float(torch.log(torch.expm1(row_ce)).sum())
+        count += row_ce.numel()
+    return total / max(count, 1) - math.log(max(num_classes - 1, 1))
 
 
 @torch.no_grad()

@@ -80,7 +80,7 @@ def suggestions(report: dict) -> list[str]:
     rpc = report["train_rows_per_class"]
     norm = report["feature_norm"]["mean"]
     if rpc["median"] < FEW_ROWS_MEDIAN:
-        out.append(f"few rows per class (median {rpc['median']:g}): --init class-means recommended "
+        out.append(f"few rows per class (median {rpc['median']:g}): keep the default --init class-means "
                    f"(a random start learns little in a few epochs)")
     if not NORM_RANGE[0] <= norm <= NORM_RANGE[1]:
         out.append(f"feature norm {norm:.3g} is far from 1: --lr auto recommended (a step moves logits by "

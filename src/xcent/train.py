@@ -470,7 +470,12 @@ def _train_locked(c, data, device, ctx, echo, run, is_main) -> dict:
         if is_main and c.epochs != resume_ckpt["config"].get("epochs"):
             echo(f"xcent train: --epochs {resume_ckpt['config'].get('epochs')} -> {c.epochs}: epochs "
                  f"{resume_ckpt['epoch'] + 1}.. follow the schedule of a {c.epochs}-epoch run")
-        c = c.replace(resume=str(resume_path))
+        # the start is the run's: a run begun before class-means became the default (no
+        # `init` saved) or with --init random stays random in its config, whatever --init says now
+        started = resume_ckpt["config"].get("init", "random")
+        if is_main and c.init != started:
+            echo(f"xcent train: the run started from --init {started}; a resumed run keeps its start")
+        c = c.replace(resume=str(resume_path), init=started)
     elif run.holds_run() and not c.overwrite:
         raise UsageError(f"{run.path} already holds a run; pass --resume latest to continue it "
                          f"or --overwrite to replace it")

@@ -53,7 +53,8 @@ def compare_parser():
         description="Run several algorithms (and seeds, and hyper-parameter grids) with the same `xcent train` "
                     "settings, in sequence and resumably (finished runs are skipped, interrupted ones resume), "
                     "then write OUT/compare.md, compare.json and compare.png (+ .pdf). Any `xcent train` flag "
-                    "(e.g. --batch-size 256, --lr 2) is passed to every run. A --config YAML may hold these keys "
+                    "(e.g. --batch-size 256, --lr 2; --init random for the paper's random start at log C) is "
+                    "passed to every run. A --config YAML may hold these keys "
                     "and train flags, plus an `algorithms:` section mapping each algorithm to its overrides, e.g. "
                     "{sox: {gamma: 1e-5}, scent: {}}, and a `grid:` section, e.g. {scent: {lr: [1, 5, 10]}}; "
                     "command-line flags win. Exit status: 0 all runs finished, 1 some run failed (reported), "
@@ -76,8 +77,8 @@ def compare_parser():
                    help="rerun runs recorded as failed")
     p.add_argument("--demo", action=ActionYesNo(no_prefix="no-"), nargs="?", default=False,
                    help=f"every algorithm on a cached synthetic dataset ({plan_mod.DEMO_DATA['num_classes']} "
-                        f"classes, unit-norm features), {plan_mod.DEMO_EPOCHS} epochs, seed 42, on a CPU in a "
-                        "few minutes")
+                        f"classes, unit-norm features), {plan_mod.DEMO_EPOCHS} epochs, seed 42, from the paper's "
+                        "random start (--init random unless given), on a CPU in a few minutes")
     return p
 
 

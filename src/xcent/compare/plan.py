@@ -232,6 +232,10 @@ def make_plan(s: CompareSettings) -> Plan:
         epochs = epochs if epochs is not None else DEMO_EPOCHS
         if not any(t.split("=")[0] == "--train-eval-size" for t in train_argv):
             train_argv += ["--train-eval-size", "5000"]
+        if not any(t.split("=")[0] == "--init" for t in train_argv):
+            # the paper's figure: every curve starts from the reference implementation's
+            # random start at log C (a class-mean start begins near the end of the curves)
+            train_argv += ["--init", "random"]
     if not data_dir:
         raise UsageError("--data-dir: required (or --demo)")
     if not out_dir:

@@ -26,7 +26,9 @@ __all__ = ["execute", "run_state"]
 
 #: Config keys that must agree between a planned run and the run already on disk
 #: (besides the hyper-parameters of its algorithm, from the registry).
-_RUN_KEYS = ("algorithm", "seed", "epochs", "batch_size", "warmup_epochs", "train_loss", "train_eval_size")
+_RUN_KEYS = ("algorithm", "seed", "epochs", "batch_size", "warmup_epochs", "train_loss", "train_eval_size", "init")
+#: What a saved config without the key meant (runs written before the key existed).
+_SAVED_DEFAULTS = {"init": "random"}
 _SHAPE_KEYS = ("num_classes", "feature_dim", "data_size")
 
 
@@ -52,14 +54,15 @@ def run_state(spec: RunSpec, out_dir: Path) -> str:
         except yaml.YAMLError:
             raise UsageError(f"{run.config}: not valid YAML; move the run directory away") from None
         keys = _RUN_KEYS + losses.get(spec.algorithm).keys
-        diffs = [k for k in keys if not _same_value(saved.get(k), spec.config.get(k))]
+        diffs = [k for k in keys if not _same_value(saved.get(k, _SAVED_DEFAULTS.get(k)), spec.config.get(k))]
         diffs += [k for k in _SHAPE_KEYS if spec.config.get(k) is not None
                   and not _same_value(saved.get(k), spec.config.get(k))]
         if saved.get("data_dir") is not None and \
                 Path(str(saved["data_dir"])).resolve() != Path(str(spec.config["data_dir"])).resolve():
             diffs.append("data_dir")
         if diffs:
-            detail = ", ".join(f"{k} {saved.get(k)!r} vs {spec.config.get(k)!r}" for k in diffs[:3])
+            detail = ", ".join(f"{k} {saved.get(k, _SAVED_DEFAULTS.get(k))!r} vs {spec.config.get(k)!r}"
+                               for k in diffs[:3])
             raise UsageError(f"{run.path}: holds a run with other settings ({detail}); use another --out-dir "
                              f"or move it away")
     elif run.holds_run():
