@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from xcent.head import SparseSoftmaxHead
-from xcent.init import SCALE_BRACKET, golden_section_log
+from xcent.init import DUAL_FLOOR, SCALE_BRACKET, golden_section_log
 
 C, D = 13, 5
 
@@ -40,20 +40,32 @@ def _ce(x, y, w):
     return float((m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)) - logits[np.arange(len(y)), y]).mean())
 
 
+def _objective(x, y, w):
+    """The search's objective, densely: the CE, or +inf where the rows' mean
+    ``log mean_{j != y} exp(z_j - z_y)`` falls below the dual floor (xcent.init)."""
+    logits = x @ w.T
+    z = logits - logits[np.arange(len(y)), y][:, None]
+    z[np.arange(len(y)), y] = -np.inf
+    m = z.max(axis=1, keepdims=True)
+    log_s = m[:, 0] + np.log(np.exp(z - m).sum(axis=1)) - math.log(w.shape[0] - 1)
+    return _ce(x, y, w) if log_s.mean() >= -DUAL_FLOOR else math.inf
+
+
 def brute_force(x, y, held, steps):
     """``(weight, scale, loss)``: the scale searched by the same golden section over the
-    CE of the held-out rows under the unit means of the other rows, written densely."""
+    CE of the held-out rows under the unit means of the other rows (subject to the dual
+    floor), written densely."""
     x, y = x.numpy(), y.numpy()
     n = len(y)
     kept = [i for i in range(n) if i not in set(held)]
     dirs = _unit_means(x, y, kept)
     xh, yh = x[held], y[held]
     mean_norm = np.linalg.norm(xh, axis=1).mean()
-    scale, loss, _ = golden_section_log(lambda s: _ce(xh * s, yh, dirs), SCALE_BRACKET[0] / mean_norm,
+    scale, loss, _ = golden_section_log(lambda s: _objective(xh * s, yh, dirs), SCALE_BRACKET[0] / mean_norm,
                                         SCALE_BRACKET[1] / mean_norm, steps)
     # the search itself, checked against a grid: its scale is the grid's best
     grid = np.exp(np.linspace(np.log(SCALE_BRACKET[0] / mean_norm), np.log(SCALE_BRACKET[1] / mean_norm), 2001))
-    best = grid[int(np.argmin([_ce(xh * s, yh, dirs) for s in grid]))]
+    best = grid[int(np.argmin([_objective(xh * s, yh, dirs) for s in grid]))]
     assert abs(math.log(scale / best)) < 0.01
     logits = xh @ dirs.T * scale
     target = logits[np.arange(len(yh)), yh]
