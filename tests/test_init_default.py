@@ -100,3 +100,22 @@ def test_a_resumed_run_keeps_its_start(small, tmp_path):
     save_atomic(ckpt, tmp_path / "r" / "checkpoints" / "epoch_2.pt")
     assert cli.main(["train", *args("r", "--epochs", "3", "--resume", "latest", "--init", "class-means")]) == 0
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["init"] == "random"
+
+
+def test_class_means_of_unchecked_non_finite_features_is_one_line_exit_2(tmp_path, capsys):
+    import numpy as np
+
+    from xcent.data import write_split
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 4)).astype(np.float32)
+    x[17, 2] = np.nan
+    write_split(tmp_path / "d" / "train", x, rng.integers(0, 5, 60))
+    write_split(tmp_path / "d" / "val", x[:5] * 0, np.arange(5))
+    argv = ["train", "--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path), "--no-check-features",
+            "--epochs", "1", "--batch-size", "8"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--init class-means: the training features hold NaN or Inf (not checked with "
+                            "--no-check-features); remove those rows, or pass --init random")
+    assert not list((tmp_path / "scent").glob("checkpoints/*.pt"))

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .classifier import full_softmax_stats
 from .data import Split
+from .errors import UsageError
 from .evaluate import summarize
 
 __all__ = [
@@ -202,6 +203,15 @@ def class_means_init(split: Split, num_classes: int, subset: Tensor | None = Non
     x, y = x.to(torch.float32), y.to(torch.long)
     own = (y >= lo) & (y < hi)
     sums.index_add_(0, y[own] - lo, x[own], alpha=-1.0)  # hold the probe rows out
+    # NaN/Inf rows (let through by --no-check-features) would poison their class's mean
+    # and the search; every rank must stop, so the flag is agreed on before raising
+    bad = torch.tensor([0.0 if bool(torch.isfinite(sums).all() and torch.isfinite(x).all()) else 1.0])
+    if ctx is not None:
+        bad = bad.to(ctx.device)
+        torch.distributed.all_reduce(bad, group=ctx.group)
+    if float(bad) > 0:
+        raise UsageError("--init class-means: the training features hold NaN or Inf (not checked with "
+                         "--no-check-features); remove those rows, or pass --init random")
     return scale_class_means_(sums.to(device), counts, x.to(device), y.to(device), lo,
                               None if ctx is None else ctx.group, steps)
 
