@@ -8,7 +8,7 @@ issue 14 scaled down, 1,500 at 40, Glint-like; the same shapes as ``xcent synth
 scent for ``--epochs`` (3) epochs through ``xcent.train`` and reports the val CE and
 top-1 of the last epoch:
 
-  (a) defaults      --init random, the tuned lr
+  (a) random        --init random, the tuned lr (the reference implementation's start)
   (b) lr auto       --init random --lr auto
   (c) class means   --init class-means, the tuned lr
   (d) both          --init class-means --lr auto
@@ -138,7 +138,7 @@ def main() -> int:
         rows.append([name, r["untrained"], r["class_means_alone"], ce["a"], ce["b"], ce["c"], ce["d"], ce["e"],
                      f"{r['e']['lr']:.3g}", f"{r['d_share_of_oracle_gain']:.0%}",
                      verdict(r["met_90"] and r["met_not_worse_than_class_means"])])
-    print(table(["shape", "untrained", "class means alone", "(a) defaults", "(b) lr auto", "(c) class means",
+    print(table(["shape", "untrained", "class means alone", "(a) random, tuned lr", "(b) lr auto", "(c) class means",
                  "(d) both", "(e) oracle", "oracle lr", "(d) share of oracle gain", "bar"], rows,
                 title=f"val CE after {a.epochs} epochs (scent, batch 128; diverged = inf)"))
     rows = [[name, r["a"]["val_acc"], r["b"]["val_acc"], r["c"]["epoch0_val_acc"], r["c"]["val_acc"],

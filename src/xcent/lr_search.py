@@ -44,7 +44,8 @@ start. A short search favours large steps, and a class-mean start is more fragil
 its logits spread over a wide range from the first step, so a batch of new
 negatives moves a row's softmax far from its stale dual (measured: 1,500 classes,
 36 rows per class, unit norm, scent from class means at the search's best / 4
-diverged in epoch 2 of 3; at the best / 16 it trained). When no candidate improves
+diverged in epoch 2 of 3; at the best / 16 it trained; measured before the
+class-mean dual floor of :mod:`xcent.init`). When no candidate improves
 on the start's CE (the start is already as good as the search can tell, e.g. a
 class-mean start at CE 0 on separable data), the rate is the smallest candidate
 divided by :data:`NO_GAIN_DIVISOR`: training cannot gain much, so it should
