@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from init_brute import dense_search
 
 from xcent.head import SparseSoftmaxHead
-from xcent.init import DUAL_FLOOR, SCALE_BRACKET, golden_section_log
+from xcent.init import DUAL_FLOOR, SCALE_BRACKET
 
 C, D = 13, 5
 
@@ -51,18 +52,18 @@ def _objective(x, y, w):
     return _ce(x, y, w) if log_s.mean() >= -DUAL_FLOOR else math.inf
 
 
-def brute_force(x, y, held, steps):
-    """``(weight, scale, loss)``: the scale searched by the same golden section over the
+def brute_force(x, y, held):
+    """``(weight, scale, loss, top1)``: the scale searched by the same grid rule over the
     CE of the held-out rows under the unit means of the other rows (subject to the dual
-    floor), written densely."""
+    floor), written densely (tests/init_brute.py)."""
     x, y = x.numpy(), y.numpy()
     n = len(y)
     kept = [i for i in range(n) if i not in set(held)]
     dirs = _unit_means(x, y, kept)
     xh, yh = x[held], y[held]
     mean_norm = np.linalg.norm(xh, axis=1).mean()
-    scale, loss, _ = golden_section_log(lambda s: _objective(xh * s, yh, dirs), SCALE_BRACKET[0] / mean_norm,
-                                        SCALE_BRACKET[1] / mean_norm, steps)
+    scale = dense_search(xh, yh, dirs, SCALE_BRACKET[0] / mean_norm, SCALE_BRACKET[1] / mean_norm)
+    loss = _ce(xh * scale, yh, dirs)
     # the search itself, checked against a grid: its scale is the grid's best
     grid = np.exp(np.linspace(np.log(SCALE_BRACKET[0] / mean_norm), np.log(SCALE_BRACKET[1] / mean_norm), 2001))
     best = grid[int(np.argmin([_objective(xh * s, yh, dirs) for s in grid]))]
@@ -82,10 +83,10 @@ def test_init_class_means_equals_brute_force(probe_size, stride):
     assert bool(head.loss_fn.nu_set.any()) and bool(head.momentum_buffer.abs().sum() > 0)
     sizes = [7, 1, 30, 0, 22, 30]  # uneven, an empty one: the stream position decides
     batches = [(xb.float(), yb.int()) for xb, yb in zip(x.split(sizes), y.split(sizes))]
-    result = head.init_class_means_(iter(batches), probe_size=probe_size, steps=25)
+    result = head.init_class_means_(iter(batches), probe_size=probe_size)
     # held out: every stride-th row of the stream (20% of 90 = every 5th; or 7 rows of 90 = every 13th)
     held = list(range(0, 90, stride))
-    want, scale, loss, top1 = brute_force(x.float().double(), y, held, 25)
+    want, scale, loss, top1 = brute_force(x.float().double(), y, held)
     assert result.scale == pytest.approx(scale, rel=1e-9)
     assert result.loss == pytest.approx(loss, rel=1e-9) and result.top1 == top1
     assert result.weight is head.weight
@@ -132,7 +133,7 @@ def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     head = SparseSoftmaxHead(C, D, 90, algorithm="scent", dtype=torch.float64, process_group=dist.group.WORLD)
-    r = head.init_class_means_(_rank_batches(rank), probe_size=10, steps=25)
+    r = head.init_class_means_(_rank_batches(rank), probe_size=10)
     out = {"weight": head.weight.clone(), "scale": r.scale, "loss": r.loss, "top1": r.top1,
            "seen": r.classes_with_rows, "lo": head.lo}
     bad = _rank_batches(rank)
@@ -153,7 +154,7 @@ def test_two_processes_class_sharded_equal_one(tmp_path):
     b0, b1 = _rank_batches(0), _rank_batches(1)
     stream = [b0[0], b1[0], b0[1], b1[1], b0[2]]
     head = SparseSoftmaxHead(C, D, 90, algorithm="scent", dtype=torch.float64)
-    one = head.init_class_means_(stream, probe_size=10, steps=25)
+    one = head.init_class_means_(stream, probe_size=10)
     assert r1["lo"] == 7 and r0["weight"].shape == (7, D) and r1["weight"].shape == (6, D)
     for r in (r0, r1):
         assert r["scale"] == pytest.approx(one.scale, rel=1e-9) and r["loss"] == pytest.approx(one.loss, rel=1e-9)

@@ -8,17 +8,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from init_brute import dense_search
 
-from xcent.classifier import full_softmax_stats
 from xcent.data import load_dataset, write_split
 from xcent.init import (
     DUAL_FLOOR,
+    MAX_PROBE_ROWS,
     SCALE_BRACKET,
     class_mean_directions,
     class_means_init,
     class_means_rows,
-    golden_section_log,
+    grid_objective,
     probe_rows,
+    scale_grid_stats,
+    search_scale,
 )
 
 
@@ -62,7 +65,7 @@ def test_directions_equal_brute_force(tmp_path):
     torch.testing.assert_close(part, directions[4:12])
 
 
-def test_golden_section_finds_closed_form_optimum():
+def test_search_finds_closed_form_optimum():
     # two classes with directions +e and -e; a share q of the rows sit at +e (right),
     # the rest at -e (wrong): CE(s) = q log(1 + e^-2s) + (1 - q) log(1 + e^2s), whose
     # minimum is at s* = log(q / (1 - q)) / 2
@@ -70,20 +73,56 @@ def test_golden_section_finds_closed_form_optimum():
     w = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
     x = torch.tensor([[1.0, 0.0]] * n)
     y = torch.tensor([0] * int(q * n) + [1] * (n - int(q * n)))
+    calls = []
 
-    def ce(s):
-        lse, target, _ = full_softmax_stats(x * s, y, w)
-        return float((lse - target).mean())
+    def evaluate(scales):
+        calls.append(scales.numel())
+        log_other, rank = scale_grid_stats(x, y, w, scales, class_chunk=1)  # one class per block
+        assert rank.tolist() == [0] * int(q * n) + [1] * (n - int(q * n))
+        return grid_objective(log_other, 2)
 
-    s, value, probes = golden_section_log(ce, 1e-3, 1e3, steps=40)
-    assert abs(s - math.log(q / (1 - q)) / 2) < 1e-4
-    assert value == min(v for _, v in probes) and len(probes) == 42
+    s, probes = search_scale(evaluate, *SCALE_BRACKET)  # fine lattice step log(400) / 150 = 0.04
+    assert s == pytest.approx(math.log(q / (1 - q)) / 2, rel=1e-3)  # the parabola's error at that step
+    assert len(calls) == 2 and len(probes) == sum(calls)  # two passes over the data, every scale in one
+    # the grid statistics are the closed form, scale by scale
+    scales = torch.tensor([0.1, 1.0, 7.0], dtype=torch.float64)
+    ce, _ = evaluate(scales)
+    want = [q * math.log1p(math.exp(-2 * t)) + (1 - q) * math.log1p(math.exp(2 * t)) for t in scales.tolist()]
+    np.testing.assert_allclose(ce.numpy(), want, rtol=1e-12)
+
+
+def test_grid_stats_chunking_and_dense_equal(tmp_path):
+    # row and class chunks (several of each, uneven) give the dense float64 statistics
+    rng = np.random.default_rng(5)
+    w = torch.nn.functional.normalize(torch.randn(23, 6, dtype=torch.float64), dim=1)
+    w[4] = 0  # a class without rows: logit 0
+    x, y = torch.tensor(rng.standard_normal((50, 6)) * 2), torch.tensor(rng.integers(0, 23, 50))
+    scales = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)
+    log_other, rank = scale_grid_stats(x, y, w, scales, row_chunk=7, class_chunk=5)
+    full, full_rank = scale_grid_stats(x, y, w, scales)
+    torch.testing.assert_close(log_other, full, rtol=1e-13, atol=1e-13)
+    assert torch.equal(rank, full_rank)
+    z = (x @ w.T).numpy()
+    zy = z[np.arange(50), y.numpy()]
+    other = z - zy[:, None]
+    other[np.arange(50), y.numpy()] = -np.inf
+    for k, s in enumerate(scales.tolist()):
+        np.testing.assert_allclose(log_other[k].numpy(), np.log(np.exp(s * other).sum(axis=1)), rtol=1e-12)
+    assert rank.tolist() == (other >= 0).sum(axis=1).tolist()
+
+
+def test_probe_rows_are_capped():
+    # a stride over the subset keeps at most 20% of the rows and MAX_PROBE_ROWS (4,096)
+    rows = probe_rows(1_000_000, torch.arange(0, 1_000_000, 50))  # 20,000 rows (the --train-eval-size default)
+    assert rows.numel() <= MAX_PROBE_ROWS == 4096 and rows.numel() > 3000
+    assert torch.equal(rows, torch.arange(0, 1_000_000, 250))
+    assert probe_rows(100, None).numel() == 20
 
 
 def test_scale_search_matches_brute_force_grid(tmp_path):
     data, x, y = _make(tmp_path, n=120)
     subset = torch.arange(0, 120, 3)
-    result = class_means_init(data.train, data.num_classes, subset, steps=30)
+    result = class_means_init(data.train, data.num_classes, subset)
     probes = probe_rows(120, subset)
     assert probes.numel() <= 24
     held = set(probes.tolist())
@@ -95,6 +134,11 @@ def test_scale_search_matches_brute_force_grid(tmp_path):
     best = int(np.argmin(values))
     assert abs(math.log(result.scale) - math.log(grid[best])) < 0.01
     assert result.loss <= values[best] + 1e-4
+    # the search's rule replayed densely (every logit of every grid scale in full, float64)
+    mean_norm = float(np.linalg.norm(xp.astype(np.float64), axis=1).mean())
+    want = dense_search(xp, yp, dirs, SCALE_BRACKET[0] / mean_norm, SCALE_BRACKET[1] / mean_norm)
+    assert result.scale == pytest.approx(want, rel=1e-6)
+    assert result.loss == pytest.approx(_brute_ce(xp * result.scale, yp, dirs), rel=1e-6)
     # the returned weight: the scale times the means of all training rows
     np.testing.assert_allclose(result.weight.numpy(), result.scale * _brute_directions(x, y, 13), rtol=1e-4,
                                atol=1e-5)
@@ -116,7 +160,7 @@ from xcent.data import load_dataset
 from xcent.init import class_means_init
 ctx = xd.init_from_env(torch.device("cpu"), 60)
 data = load_dataset(sys.argv[1], num_classes=13)
-r = class_means_init(data.train, data.num_classes, torch.arange(0, 120, 3), ctx=ctx, steps=30)
+r = class_means_init(data.train, data.num_classes, torch.arange(0, 120, 3), ctx=ctx)
 torch.save({"weight": r.weight, "scale": r.scale, "loss": r.loss, "seen": r.classes_with_rows},
            f"{sys.argv[2]}/rank{ctx.rank}.pt")
 xd.shutdown()
@@ -125,7 +169,7 @@ xd.shutdown()
 
 def test_two_process_class_sharded_equals_one_and_brute_force(tmp_path):
     data, x, y = _make(tmp_path, n=120)
-    one = class_means_init(data.train, data.num_classes, torch.arange(0, 120, 3), steps=30)
+    one = class_means_init(data.train, data.num_classes, torch.arange(0, 120, 3))
     script = tmp_path / "shard_init.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -136,9 +180,8 @@ def test_two_process_class_sharded_equals_one_and_brute_force(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["weight"].shape == (7, 5) and r1["weight"].shape == (6, 5)  # each rank: its own classes
     assert r0["scale"] == r1["scale"] and r0["seen"] == r1["seen"] == 11
-    # the probes are float64 in both paths, so the golden-section search takes the same
-    # decisions: the same scale and held-out CE to float tolerance (float32 probes
-    # differed by 0.16% in the scale)
+    # float64 sums over classes in both paths and a search continuous in them: the same
+    # scale and held-out CE to float tolerance
     assert r0["scale"] == pytest.approx(one.scale, rel=1e-6) and r0["loss"] == pytest.approx(one.loss, rel=1e-6)
     sharded = torch.cat([r0["weight"], r1["weight"]])
     torch.testing.assert_close(sharded, one.weight, rtol=1e-6, atol=1e-6)
@@ -157,7 +200,7 @@ def test_dual_floor_bounds_the_scale_on_separable_data(tmp_path):
     write_split(tmp_path / "sep" / "train", x, y)
     write_split(tmp_path / "sep" / "val", x[:4], y[:4])
     data = load_dataset(tmp_path / "sep")
-    result = class_means_init(data.train, 8, None, steps=40)
+    result = class_means_init(data.train, 8, None)
     probes = probe_rows(160, None).numpy()
     dirs = _brute_directions(x, y, 8, skip=set(probes.tolist()))
 

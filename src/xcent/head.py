@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from .classifier import InBatch, init_weight, row_gradient_weights_, scan_classes
 from .distributed import all_gather_rows, class_range
-from .init import GOLDEN_STEPS, InitResult, probe_rows, scale_class_means_
+from .init import MAX_PROBE_ROWS, InitResult, probe_rows, scale_class_means_
 from .losses import build, get
 from .predict import TopK
 from .step import LazySGD, effective_group, sharded_in_batch
@@ -213,8 +213,8 @@ class SparseSoftmaxHead(nn.Module):
     # ------------------------------------------------------------------ initialisation
 
     @torch.no_grad()
-    def init_class_means_(self, batches: Iterable[tuple[Tensor, Tensor]], probe_size: int = 20000,
-                          steps: int = GOLDEN_STEPS) -> InitResult:
+    def init_class_means_(self, batches: Iterable[tuple[Tensor, Tensor]], probe_size: int = MAX_PROBE_ROWS
+                          ) -> InitResult:
         """Set the weight to the class-mean classifier of ``batches`` (:mod:`xcent.init`):
         ``w_c = s * m_c / |m_c|``, ``m_c`` the mean of the embeddings of class c (zero
         for a class without any), ``s`` minimising the full-softmax CE of rows held out
@@ -227,7 +227,8 @@ class SparseSoftmaxHead(nn.Module):
         the weight's rows (``index_add_``, batch by batch: no N x D copy). Held out:
         the rows at the stream positions :func:`xcent.init.probe_rows` picks for
         ``num_samples`` rows and a regular ``probe_size`` subset (every k-th row, at
-        most 20% of the rows and ``probe_size``), kept in memory; they join the means
+        most 20% of the rows, ``probe_size`` and :data:`xcent.init.MAX_PROBE_ROWS`
+        (4,096): one scale needs no more), kept in memory; they join the means
         once the scale is chosen.
 
         Class-sharded: a collective; each rank passes its own part of the data (a
@@ -270,7 +271,7 @@ class SparseSoftmaxHead(nn.Module):
         self.loss_fn.nu.fill_(float("nan"))
         self.loss_fn.nu_set.zero_()
         return scale_class_means_(weight, counts, torch.cat(probe_x), torch.cat(probe_y), self.lo,
-                                  self.process_group, steps)
+                                  self.process_group)
 
     def _init_batch(self, batches) -> tuple[Tensor | None, Tensor | None]:
         """The next ``(embeddings, labels)`` of ``batches``, checked and, class-sharded,

@@ -8,22 +8,28 @@ a randomly initialised linear model learns little in a few epochs. Its weight is
 (``w_c = 0`` for a class without training rows), with one scale ``s`` shared by all
 classes and chosen to minimise the full-softmax cross-entropy on a fixed subset of
 training rows. That CE is convex in ``s`` (a log-sum-exp of functions linear in
-``s``, minus a linear one), hence unimodal in ``log s``, so a golden-section search
-over ``log s`` finds its minimum; the logits of ``s W`` on ``x`` are those of ``W`` on
-``s x``, so each probe scales the (small, in-memory) subset, never the weight.
+``s``, minus a linear one), hence unimodal in ``log s``; and since the logits of
+``s W`` on ``x`` are ``s`` times those of ``W``, one GEMM per logit block serves every
+candidate scale. So the search (:func:`search_scale`) evaluates a log-spaced grid of
+scales over the whole bracket in one pass over the classes, a finer grid around the
+best in a second, and takes the vertex of a parabola in ``log s`` (or the dual
+floor's crossing); a third pass gives the CE / top-1 at the chosen scale.
 
 Cost: one streaming pass over the memory-mapped training split (chunked
 ``index_add_`` into the (C, D) weight itself: no N x D copy, no second C x D buffer)
-and about :data:`GOLDEN_STEPS` full-softmax evaluations of the subset. Under
-torchrun every rank sums only the rows of its own classes (selected from the
-in-memory labels, so each rank reads about 1/P of the file) and the probes use the
-class-sharded evaluation of :mod:`xcent.distributed`; every rank then takes the same
-search decisions, since the all-gathered statistics are identical on every rank.
-:meth:`xcent.SparseSoftmaxHead.init_class_means_` streams a user's ``(embeddings,
-labels)`` batches into the same search (:func:`scale_class_means_`).
-Hand-written because the search is ten lines and no library offers a chunked,
-class-sharded evaluation to plug into (scipy's ``minimize_scalar`` would add a
-dependency for the same golden-section loop).
+and three GEMM passes of at most :data:`MAX_PROBE_ROWS` held-out rows against the C
+unit means (``3 * 2 * n * C * D`` flops; at Glint360K's C = 360,232, D = 512 and
+4,096 rows, ~4.5 TFLOP, against ~160 TFLOP for the 22 float64 golden-section probes
+of 20,000 rows this replaced; docs/own-data.md has the measured times), plus per
+logit block one float64 ``exp`` pass per grid scale (37 in all). Under torchrun
+every rank sums only the rows of its own classes (selected from the in-memory
+labels, so each rank reads about 1/P of the file) and the grid statistics of its
+own classes, combined over the ranks (:func:`scale_grid_stats`); every rank then
+takes the same search decisions, since the gathered statistics are identical on
+every rank. :meth:`xcent.SparseSoftmaxHead.init_class_means_` streams a user's
+``(embeddings, labels)`` batches into the same search (:func:`scale_class_means_`).
+Hand-written because no library evaluates many scales of a chunked, class-sharded
+softmax per GEMM (scipy's ``minimize_scalar`` would call a full evaluation per probe).
 """
 
 from __future__ import annotations
@@ -35,10 +41,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .classifier import full_softmax_stats
 from .data import Split
 from .errors import UsageError
-from .evaluate import summarize
 
 __all__ = [
     "InitResult",
@@ -46,14 +50,13 @@ __all__ = [
     "class_means_init",
     "class_means_rows",
     "class_sums",
-    "golden_section_log",
-    "mean_log_row_stat",
+    "grid_objective",
     "probe_rows",
     "scale_class_means_",
+    "scale_grid_stats",
+    "search_scale",
 ]
 
-#: golden-section probes of the scale search: the bracket shrinks by 0.618 each
-GOLDEN_STEPS = 20
 #: the scale bracket, as the largest logit ``s |x|`` it gives. The top keeps relative
 #: logits ``(w_j - w_y) . x`` above -80, inside float32's ``exp`` range, which the
 #: algorithms' dual arithmetic needs: on separable data the held-out CE keeps falling
@@ -129,47 +132,159 @@ def class_mean_directions(split: Split, num_classes: int, classes: tuple[int, in
     return sums, counts
 
 
-def golden_section_log(f: Callable[[float], float], lo: float, hi: float, steps: int = GOLDEN_STEPS
-                       ) -> tuple[float, float, list[tuple[float, float]]]:
-    """Minimise ``f`` over ``[lo, hi]`` (``0 < lo < hi``) by golden-section search on
-    ``log s``; exact for functions unimodal in ``s`` (the bracket keeps the minimum).
-    Returns ``(argmin, min, probes)``, ``probes`` the [(s, f(s))] evaluated, in order.
-    ``steps + 2`` evaluations; a non-finite value counts as +inf."""
+def scale_grid_stats(x: Tensor, y: Tensor, directions: Tensor, scales: Tensor, lo: int = 0, group=None,
+                     row_chunk: int = 256, class_chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Per-row statistics of the held-out rows ``(x, y)`` under ``s * directions`` for
+    every scale ``s`` of ``scales`` (G,) at once: ``(log_other, rank)``, with
+
+        ``log_other[k, i] = log sum_{j != y_i} exp(s_k (z_ij - z_iy))``,   ``z_ij = w_j . x_i``
+
+    (G, n) float64, from which the CE of row i is ``log1p(exp(log_other))`` and the
+    dual statistic ``log_other - log(C - 1)`` (:func:`search_scale`), and ``rank[i] =
+    #{j != y_i : z_ij >= z_iy}`` (n,), which no positive scale changes (top-k).
+
+    The logits of ``s W`` are ``s`` times those of ``W``, so each (``row_chunk`` x
+    ``class_chunk``) logit block is one GEMM in ``directions``' dtype whatever the
+    number of scales; per row, an online log-sum-exp per scale (float64, shifted by
+    the row's running maximum logit, shared by all positive scales) takes the block
+    in cache-sized in-place passes. ``directions``: the classes ``[lo, lo + C_r)``;
+    with ``group``, the ranks' maxima and sums are combined (all-gathered, float64),
+    so every rank returns the same statistics."""
+    from .classifier import target_logits
+
+    scales = scales.to(device=directions.device, dtype=torch.float64)
+    n, num_local = x.shape[0], directions.shape[0]
+    x = x.to(device=directions.device, dtype=directions.dtype)
+    y_local = y.to(device=directions.device, dtype=torch.long) - lo
+    log_other = torch.empty(scales.numel(), n, dtype=torch.float64, device=directions.device)
+    rank = torch.zeros(n, dtype=torch.long, device=directions.device)
+    col = scales[:, None]
+    for a in range(0, n, row_chunk):
+        b = min(a + row_chunk, n)
+        xr, yr = x[a:b], y_local[a:b]
+        target = target_logits(xr, yr, directions)
+        if group is not None:
+            torch.distributed.all_reduce(target, group=group)
+        peak = torch.full((b - a,), -math.inf, dtype=torch.float64, device=x.device)
+        sums = torch.zeros(scales.numel(), b - a, dtype=torch.float64, device=x.device)
+        for c0 in range(0, num_local, class_chunk):
+            z = xr @ directions[c0:c0 + class_chunk].T
+            mine = (yr >= c0) & (yr < c0 + z.shape[1])
+            z[mine.nonzero().squeeze(1), yr[mine] - c0] = -math.inf  # the target is not an 'other' class
+            rank[a:b] += (z >= target[:, None]).sum(1)
+            z = z.to(torch.float64)
+            new_peak = torch.maximum(peak, z.max(1).values)
+            finite = torch.isfinite(new_peak)
+            shift = torch.where(finite, peak - new_peak, torch.zeros_like(peak))
+            sums.mul_(torch.exp(col * shift[None]))  # rescale to the new running maximum
+            z.sub_(torch.where(finite, new_peak, torch.zeros_like(new_peak))[:, None])
+            peak = new_peak
+            block = torch.empty_like(z)
+            for k in range(scales.numel()):
+                torch.mul(z, scales[k], out=block)
+                sums[k] += block.exp_().sum(1)
+        if group is not None:  # combine the ranks' shifted sums at the global maximum
+            world = torch.distributed.get_world_size(group)
+            peaks = [torch.empty_like(peak) for _ in range(world)]
+            parts = [torch.empty_like(sums) for _ in range(world)]
+            torch.distributed.all_gather(peaks, peak, group=group)
+            torch.distributed.all_gather(parts, sums, group=group)
+            peak = torch.stack(peaks).max(0).values
+            finite = torch.isfinite(peak)
+            sums = torch.zeros_like(sums)
+            for p, part in zip(peaks, parts):
+                shift = torch.where(finite & torch.isfinite(p), p - peak, torch.full_like(p, -math.inf))
+                sums += part * torch.exp(col * shift[None])
+        log_other[:, a:b] = col * (peak - target.to(torch.float64))[None] + torch.log(sums)
+    if group is not None:
+        torch.distributed.all_reduce(rank, group=group)
+    return log_other, rank
+
+
+#: pass 1 of the scale search: this many log-spaced scales over the whole bracket
+COARSE_POINTS = 16
+#: pass 2: the lattice step of pass 1 divided by this, over pass 1's best +- one step
+FINE_STEPS = 10
+
+
+def grid_objective(log_other: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """``(ce, dual)``, each (G,) float64, from :func:`scale_grid_stats`' ``log_other``:
+    the mean CE ``log1p(exp(log_other))`` and the mean dual statistic ``log_other -
+    log(C - 1)`` (the held-out rows' mean ``log s_i``, :data:`DUAL_FLOOR`)."""
+    ce = torch.logaddexp(log_other, torch.zeros_like(log_other)).mean(1)
+    return ce, log_other.mean(1) - math.log(max(num_classes - 1, 1))
+
+
+def search_scale(evaluate: Callable[[Tensor], tuple[Tensor, Tensor]], lo: float, hi: float
+                 ) -> tuple[float, list[tuple[float, float]]]:
+    """The scale in ``[lo, hi]`` minimising a CE unimodal in ``log s``, subject to the
+    dual floor; ``evaluate(scales)`` returns ``(ce, dual)`` (G,) for a (G,) float64
+    tensor of scales (one pass over the data: :func:`scale_grid_stats`). Returns
+    ``(scale, probes)``, probes the [(s, CE)] evaluated.
+
+    Admissible: ``dual >= -DUAL_FLOOR``; the objective is the CE there, +inf beyond.
+    Pass 1: :data:`COARSE_POINTS` scales evenly spaced in ``log s`` over the bracket
+    (step ``h``); its best admissible point ``k``. Pass 2: the lattice ``log lo + m h /
+    FINE_STEPS`` over ``[u_{k-1}, u_{k+1}]`` (holds the minimum of a unimodal
+    function); its best admissible point ``m``. The result: the vertex of the
+    parabola in ``log s`` through the CE at ``m - 1, m, m + 1`` (clamped to them; the
+    lattice point at the bracket's edge), and where ``m + 1`` is inadmissible, at
+    most the floor's crossing, linear in ``log s`` between ``m`` and ``m + 1``.
+
+    Why this rule: two passes of the data instead of ~22 golden-section probes, and
+    a result continuous in the statistics: pass 2's points lie on one lattice, so
+    when noise flips pass 1's choice between two near-equal points, pass 2 still
+    sees the same points around the minimum; the parabola and the crossing move
+    the result continuously. (A flip of pass 2's best between two equal points can
+    still move it by the parabola's error, ~1e-4 relative; it needs CEs equal to
+    the statistics' noise, ~1e-15 with float64 sums.)"""
+    u_lo, u_hi = math.log(lo), math.log(hi)
+    fine = (u_hi - u_lo) / ((COARSE_POINTS - 1) * FINE_STEPS)
     probes: list[tuple[float, float]] = []
 
-    def g(u: float) -> float:
-        s = math.exp(u)
-        value = float(f(s))
-        probes.append((s, value))
-        return value if math.isfinite(value) else math.inf
+    def run(m: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        u = u_lo + fine * m.to(torch.float64)
+        ce, dual = (t.double().cpu() for t in evaluate(torch.exp(u)))
+        probes.extend(zip(torch.exp(u).tolist(), ce.tolist()))
+        objective = torch.where(dual >= -DUAL_FLOOR, ce, torch.full_like(ce, math.inf))
+        objective = torch.where(torch.isfinite(objective), objective, torch.full_like(ce, math.inf))
+        return u, ce, dual, int(torch.argmin(objective))  # the first of equal minima
 
-    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
-    a, b = math.log(lo), math.log(hi)
-    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-    fc, fd = g(c), g(d)
-    for _ in range(steps):
-        if fc <= fd:  # the minimum is in [a, d]
-            b, d, fd = d, c, fc
-            c = b - inv_phi * (b - a)
-            fc = g(c)
-        else:  # in [c, b]
-            a, c, fc = c, d, fd
-            d = a + inv_phi * (b - a)
-            fd = g(d)
-    best = min(probes, key=lambda p: p[1] if math.isfinite(p[1]) else math.inf)
-    return best[0], best[1], probes
+    last = (COARSE_POINTS - 1) * FINE_STEPS
+    _, _, _, k = run(torch.arange(0, last + 1, FINE_STEPS))
+    m = torch.arange(max(0, (k - 1) * FINE_STEPS), min(last, (k + 1) * FINE_STEPS) + 1)
+    u, ce, dual, j = run(m)
+    best = float(u[j])
+    if 0 < j < len(m) - 1:
+        left, mid, right = float(ce[j - 1]), float(ce[j]), float(ce[j + 1])
+        curvature = left - 2 * mid + right
+        if curvature > 0 and math.isfinite(curvature):
+            best = min(max(best + fine * (left - right) / (2 * curvature), float(u[j - 1])), float(u[j + 1]))
+    if j < len(m) - 1 and not float(dual[j + 1]) >= -DUAL_FLOOR:
+        d0, d1 = float(dual[j]), float(dual[j + 1])
+        if math.isfinite(d1) and d0 > d1:
+            best = min(best, float(u[j]) + fine * (d0 + DUAL_FLOOR) / (d0 - d1))
+        else:
+            best = min(best, float(u[j]))
+    return math.exp(best), probes
 
 
 #: at most this share of the training rows is held out of the means to probe the scale
 MAX_PROBE_SHARE = 0.2
+#: at most this many held-out rows choose the scale: one scalar needs a few thousand
+#: rows, not the whole ``--train-eval-size`` subset (20,000 by default). The search
+#: costs (rows x classes x feature_dim) multiply-adds per pass, so this cap is what
+#: keeps it at seconds-to-minutes at Glint360K's 360K classes (docs/own-data.md)
+MAX_PROBE_ROWS = 4096
 
 
-def probe_rows(num_samples: int, subset: Tensor | None) -> Tensor:
+def probe_rows(num_samples: int, subset: Tensor | None, limit: int = MAX_PROBE_ROWS) -> Tensor:
     """The rows that choose the scale: ``subset`` (sorted ids; None = all rows),
-    thinned by a regular stride to at most :data:`MAX_PROBE_SHARE` of the rows, so
-    that the means they are held out of keep most of the data."""
+    thinned by a regular stride to at most :data:`MAX_PROBE_SHARE` of the rows (so
+    that the means they are held out of keep most of the data) and at most
+    ``limit`` rows (:data:`MAX_PROBE_ROWS`)."""
     rows = torch.arange(num_samples) if subset is None else subset
-    limit = max(1, int(MAX_PROBE_SHARE * num_samples))
+    limit = max(1, min(int(MAX_PROBE_SHARE * num_samples), limit))
     if rows.numel() > limit:
         rows = rows[::math.ceil(rows.numel() / limit)]
     return rows
@@ -177,7 +292,7 @@ def probe_rows(num_samples: int, subset: Tensor | None) -> Tensor:
 
 @torch.no_grad()
 def class_means_init(split: Split, num_classes: int, subset: Tensor | None = None, ctx=None,
-                     chunk_rows: int = 8192, steps: int = GOLDEN_STEPS, device="cpu") -> InitResult:
+                     chunk_rows: int = 8192, device="cpu") -> InitResult:
     """The class-mean weight ``s * m_c / |m_c|`` with ``s`` minimising the full-softmax
     CE of held-out training rows, subject to the dual floor (:func:`scale_class_means_`).
 
@@ -213,12 +328,12 @@ def class_means_init(split: Split, num_classes: int, subset: Tensor | None = Non
         raise UsageError("--init class-means: the training features hold NaN or Inf (not checked with "
                          "--no-check-features); remove those rows, or pass --init random")
     return scale_class_means_(sums.to(device), counts, x.to(device), y.to(device), lo,
-                              None if ctx is None else ctx.group, steps)
+                              None if ctx is None else ctx.group)
 
 
 @torch.no_grad()
-def scale_class_means_(sums: Tensor, counts: Tensor, x: Tensor, y: Tensor, lo: int = 0, group=None,
-                       steps: int = GOLDEN_STEPS) -> InitResult:
+def scale_class_means_(sums: Tensor, counts: Tensor, x: Tensor, y: Tensor, lo: int = 0, group=None
+                       ) -> InitResult:
     """Turn ``sums`` into the class-mean weight, in place, choosing the scale on the
     held-out rows ``(x, y)``; returns the :class:`InitResult` (its ``weight`` is ``sums``).
 
@@ -226,16 +341,16 @@ def scale_class_means_(sums: Tensor, counts: Tensor, x: Tensor, y: Tensor, lo: i
     **without** the held-out rows; ``counts`` (C_r,): those classes' row counts, the
     held-out rows included (for ``classes_with_rows``); ``x`` (n, D) and ``y`` (n,):
     the held-out rows, the same on every rank. The scale minimises the full-softmax
-    CE of ``x`` under the unit held-out means (golden section over ``log s``, the
-    bracket :data:`SCALE_BRACKET` in units of their mean norm); then the held-out
+    CE of ``x`` under the unit held-out means (:func:`search_scale` over the bracket
+    :data:`SCALE_BRACKET` in units of their mean norm); then the held-out
     rows are added back and the weight is ``s`` times the unit means of all rows.
     ``group``: a process group when the classes are sharded over its ranks (every
     rank takes the same decisions: the statistics it all-reduces are identical);
-    None: one process, ``sums`` holds every class. On ``sums``' device; the weight in
-    its dtype, the probes in float64 (below).
+    None: one process, ``sums`` holds every class. On ``sums``' device; the weight and
+    the logit GEMMs in its dtype, the per-row statistics in float64 (below).
 
     **The dual floor.** A scale is admissible only while the held-out rows' mean of
-    ``log s_i = log mean_{j != y_i} exp(z_ij)`` (:func:`mean_log_row_stat`: the
+    ``log s_i = log mean_{j != y_i} exp(z_ij)`` (:func:`grid_objective`: the
     quantity each row's dual ``nu_i`` tracks, ``z_ij = (w_j - w_{y_i}) . x_i``) stays
     at or above ``-`` :data:`DUAL_FLOOR`; inadmissible scales score +inf, which keeps
     the search unimodal (the statistic falls as ``s`` grows while the rows are
@@ -246,15 +361,14 @@ def scale_class_means_(sums: Tensor, counts: Tensor, x: Tensor, y: Tensor, lo: i
     the thousands, and SCENT and ASGD diverged at their tuned learning rates
     (``xcent demo``'s data, the tests' tiny data).
 
-    **Exactness.** The probes are evaluated in float64 (a float64 copy of the unit
-    held-out means, twice the weight's memory while searching; the scaled rows,
-    logits and log-sum-exp), in one process and class-sharded alike: in float32 the
-    CE differed between the two reductions by ~1e-7 relative, which on the flat
-    bottom of the CE flipped golden-section comparisons and moved the chosen scale
-    by 0.16%; in float64 the differences (~1e-16) stay far below those between
-    probes."""
-    from . import distributed as xd
-
+    **Exactness.** One process and class-sharded runs choose the same scale (to
+    ~1e-9 relative in the tests): the logits come from float32 GEMMs of the same
+    rows and classes, every sum over classes is float64 (online log-sum-exp, the
+    ranks' parts combined at the common maximum), and the search's result moves
+    continuously with its statistics (:func:`search_scale`). The golden-section
+    search this replaced needed float64 logits: in float32 its comparisons on the
+    flat bottom of the CE flipped between the two reductions (0.16% in the scale).
+    """
     hi = lo + sums.shape[0]
     x, y = x.to(device=sums.device, dtype=sums.dtype), y.to(device=sums.device, dtype=torch.long)
     num_classes = sums.shape[0]
@@ -268,50 +382,24 @@ def scale_class_means_(sums: Tensor, counts: Tensor, x: Tensor, y: Tensor, lo: i
         torch.distributed.all_reduce(seen_t, group=group)
     seen = int(seen_t.item())
     held_norms = _normalize_rows_(sums)
-    directions, x64 = sums.to(torch.float64), x.to(torch.float64)
 
-    def stats(scale: float, eval_rows: int = 4096):
-        for start in range(0, x64.shape[0], eval_rows):
-            xs, ys = x64[start:start + eval_rows] * scale, y[start:start + eval_rows]
-            if group is None:
-                yield full_softmax_stats(xs, ys, directions)
-            else:
-                yield xd.sharded_stats(xs, ys, directions, lo, None, group=group)
-
-    results: dict[float, dict] = {}
-
-    def ce(scale: float) -> float:
-        chunks = list(stats(scale))
-        results[scale] = summarize(chunks)
-        results[scale]["mean_log_row_stat"] = mean_log_row_stat(chunks, num_classes)
-        if results[scale]["mean_log_row_stat"] < -DUAL_FLOOR:
-            return math.inf  # beyond the dual floor
-        return results[scale]["loss"]
+    def evaluate(scales: Tensor) -> tuple[Tensor, Tensor]:
+        return grid_objective(scale_grid_stats(x, y, sums, scales, lo, group)[0], num_classes)
 
     # the bracket in units of the typical feature norm, so it fits any feature scale
-    mean_norm = float(x64.norm(dim=1).mean()) or 1.0
-    scale, _, probes = golden_section_log(ce, SCALE_BRACKET[0] / mean_norm, SCALE_BRACKET[1] / mean_norm, steps)
-    held = results[scale]
-    directions = x64 = None  # free the float64 copies before the weight is finished
+    mean_norm = float(x.double().norm(dim=1).mean()) or 1.0
+    scale, probes = search_scale(evaluate, SCALE_BRACKET[0] / mean_norm, SCALE_BRACKET[1] / mean_norm)
+    # the figures at the chosen scale: a third pass, one scale (exact, not interpolated)
+    log_other, rank = scale_grid_stats(x, y, sums, torch.tensor([scale], dtype=torch.float64), lo, group)
+    loss = float(grid_objective(log_other, num_classes)[0][0])
+    probes.append((scale, loss))
+    top1, top5 = float((rank < 1).double().mean()), float((rank < 5).double().mean())
     # back to the sums of all training rows, then the final directions
     sums.mul_(held_norms).index_add_(0, y[own] - lo, x[own])
     _normalize_rows_(sums)
     sums.mul_(scale)
-    return InitResult(sums, scale, held["loss"], held["top1"], held["top5"], seen, probes)
+    return InitResult(sums, scale, loss, top1, top5, seen, probes)
 
-
-def mean_log_row_stat(chunk_stats: list[tuple[Tensor, Tensor, Tensor]], num_classes: int) -> float:
-    """The mean over rows of ``log s_i = log mean_{j != y_i} exp(z_ij)``, from the
-    ``(lse, target, rank)`` of :func:`xcent.classifier.full_softmax_stats`:
-    ``sum_{j != y} exp(z_ij) = exp(CE_i) - 1``, so ``log s_i = log expm1(CE_i) -
-    log(C - 1)``. ``CE_i`` is floored at 1e-15 (below it the float64 difference
-    ``lse - target`` is rounding), i.e. ``log s_i`` at about ``-34.5 - log(C - 1)``."""
-    total, count = 0.0, 0
-    for lse, target, _ in chunk_stats:
-        row_ce = (lse.double() - target.double()).clamp_min(1e-15)
-        total += float(torch.log(torch.expm1(row_ce)).sum())
-        count += row_ce.numel()
-    return total / max(count, 1) - math.log(max(num_classes - 1, 1))
 
 
 @torch.no_grad()
