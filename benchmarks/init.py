@@ -28,7 +28,7 @@ import torch
 from xcent.classifier import full_softmax_stats
 from xcent.init import SCALE_BRACKET, scale_class_means_
 
-#: the golden-section search's evaluations: 20 steps + 2 (xcent 0.x before the grid search)
+#: the golden-section search's evaluations (20 steps + 2), before the grid search replaced it
 OLD_EVALUATIONS = 22
 GLINT = (360_232, 512)
 
