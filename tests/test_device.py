@@ -197,7 +197,7 @@ def test_train_runs_steps_and_evaluations_under_the_policy(tiny_data, tmp_path, 
 
     from xcent import init as init_mod
 
-    real_stats = init_mod.full_softmax_stats
+    real_stats = init_mod.scale_grid_stats
 
     def stats(*args, **kwargs):
         seen["eval"].add(torch.get_num_threads())
@@ -205,7 +205,7 @@ def test_train_runs_steps_and_evaluations_under_the_policy(tiny_data, tmp_path, 
 
     monkeypatch.setattr(train_mod, "train_step", step)
     monkeypatch.setattr(train_mod, "evaluate", evaluate)
-    monkeypatch.setattr(init_mod, "full_softmax_stats", stats)
+    monkeypatch.setattr(init_mod, "scale_grid_stats", stats)
     before = torch.get_num_threads()
     with ThreadPolicy.use(2):  # as on a 2-core machine, whatever this one has
         c = config_from_argv(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "1",
