@@ -88,9 +88,11 @@ class Batch:
     features: Tensor
 
 
-def _read_host(split: Split, index: Tensor, rows: Tensor, pin: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(features of ``rows``, labels of ``index``, ``index``) on the host; in pinned
-    memory when ``pin``."""
+def _read_host(split: Split, index: Tensor, rows_of: Callable[[Tensor], Tensor] | None,
+               pin: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(features of the rows this process reads, ``rows_of(index)`` or all of ``index``;
+    labels of ``index``; ``index``) on the host; in pinned memory when ``pin``."""
+    rows = index if rows_of is None else rows_of(index)
     out = None
     if pin:
         dtype = split.features.dtype
@@ -115,8 +117,7 @@ def read_batch(split: Split, index: Tensor, device, rows_of: Callable[[Tensor], 
     """The batch of the rows ``index``, read now (no thread): what :class:`BatchLoader`
     does for each batch. ``rows_of(index)``: the rows this process reads (default all)."""
     device = torch.device(device)
-    rows = index if rows_of is None else rows_of(index)
-    features, labels, index = _read_host(split, index, rows, device.type == "cuda")
+    features, labels, index = _read_host(split, index, rows_of, device.type == "cuda")
     return Batch(step, index, labels, _to_device(features, device))
 
 
@@ -151,9 +152,7 @@ class BatchLoader:
         return self.num_batches
 
     def _host(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        index = batch_index(self.order, step, self.batch_size)
-        rows = index if self.rows_of is None else self.rows_of(index)
-        return _read_host(self.split, index, rows, self._pin)
+        return _read_host(self.split, batch_index(self.order, step, self.batch_size), self.rows_of, self._pin)
 
     def _put(self, item) -> bool:
         """Queue ``item`` for the caller unless it has stopped listening (False)."""
