@@ -421,7 +421,8 @@ def search_lr_local(split, weight: Tensor, algorithm: str, hparams: dict, epochs
 
     def step(loss_fn, index, local, lr):
         feats, labels = split.gather(index)
-        return train_step(weight, loss_fn, feats.to(weight.device), labels.to(weight.device), local, lr)
+        # labels stay on the host, where the step takes the batch's distinct labels (no device read)
+        return train_step(weight, loss_fn, feats.to(weight.device), labels, local, lr)
 
     def score():
         return evaluate(split, weight, rows=plan.held_rows, chunk_rows=eval_chunk_rows)
