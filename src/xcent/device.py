@@ -76,6 +76,12 @@ PROBE_ROWS, PROBE_CLASSES, PROBE_ROUNDS = 256, 4096, 2
 PROBE_CLEAR_RATIO, PROBE_MARGIN = 1.5, 1.1
 
 
+def _probe_flops(rounds: int, feature_dim: int) -> float:
+    """Flops of ``rounds`` rounds of the evaluation-thread probe: each times one
+    (PROBE_ROWS x D x PROBE_CLASSES) GEMM at one thread and one at all cores."""
+    return 2 * rounds * 2.0 * PROBE_ROWS * PROBE_CLASSES * feature_dim
+
+
 def gemm_probe(feature_dim: int, dtype: torch.dtype = torch.float32) -> Callable[[int], float]:
     """A probe for :class:`ThreadPolicy`: ``probe(threads)`` is the wall seconds of one
     evaluation-shaped score GEMM plus the exp pass over its block with ``threads``
@@ -151,8 +157,7 @@ class ThreadPolicy:
         if self.max_threads == 1 or not self.cpu:
             return self.max_threads
         self._flops_since_probe += float("inf") if flops is None else float(flops)
-        # what a probe costs at most, in flops: two GEMMs a round
-        probe_flops = 2 * PROBE_ROUNDS * 2.0 * PROBE_ROWS * PROBE_CLASSES * feature_dim
+        probe_flops = _probe_flops(PROBE_ROUNDS, feature_dim)  # what a probe costs at most
         due = self._eval_choice is None or self._clock() - self._probed_at >= EVAL_REPROBE_SECONDS
         if due and self._flops_since_probe * EVAL_PROBE_BUDGET >= probe_flops:
             self._measure(feature_dim)
@@ -179,7 +184,7 @@ class ThreadPolicy:
         # the mean, not the median: an evaluation pays for every stall of a slow thread
         choice = self.max_threads if seconds[self.max_threads] * PROBE_MARGIN < seconds[1] else 1
         self._eval_choice, self._probed_at, self._flops_since_probe = choice, self._clock(), 0.0
-        self.probe_flops += 2 * rounds * 2.0 * PROBE_ROWS * PROBE_CLASSES * feature_dim
+        self.probe_flops += _probe_flops(rounds, feature_dim)
         self.probes.append({"threads": choice, "rounds": rounds,
                             **{f"seconds_{t}": s / rounds for t, s in seconds.items()}})
         log.info("evaluation threads: %d (probe at D = %d, %d round(s): 1 thread %.2f ms, %d threads %.2f ms)",
