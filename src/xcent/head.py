@@ -51,6 +51,7 @@ backward reads the device.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -61,8 +62,9 @@ from torch import Tensor, nn
 
 from .classifier import InBatch, init_weight, row_gradient_weights_, scan_classes
 from .distributed import all_gather_rows, class_range
+from .errors import ArgumentError
 from .init import MAX_PROBE_ROWS, InitResult, probe_rows, scale_class_means_
-from .losses import build, get
+from .losses import ALGORITHMS, build, get
 from .predict import TopK
 from .step import LazySGD, effective_group, sharded_in_batch
 from .sync import to_host
@@ -121,6 +123,11 @@ class SparseSoftmaxHead(nn.Module):
     ``hparams``: ``gamma``, ``rho``, ``delta`` as in :func:`xcent.losses.build`;
     ``init_seed``: the weight's N(0, 0.01^2) initialisation (:func:`xcent.classifier.init_weight`).
 
+    Bad arguments (here, to :meth:`forward`, :meth:`set_epoch`, :meth:`topk`,
+    :meth:`init_class_means_`) raise :class:`xcent.errors.ArgumentError`, a ValueError
+    naming the argument: a count, an id or an epoch must be an integer (a float is
+    never truncated), ids must be in range (a negative one never wraps around).
+
     State (``state_dict``): ``weight`` (this rank's rows), ``momentum_buffer`` (when
     momentum > 0), ``loss_fn.nu`` / ``loss_fn.nu_set`` (the duals), and the epoch;
     saving first brings every row up to date, so that loading resumes exactly.
@@ -131,24 +138,27 @@ class SparseSoftmaxHead(nn.Module):
                  dtype: torch.dtype = torch.float32, device=None, process_group=None, init_seed: int = 0,
                  **hparams):
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        num_classes, dim = _integer("num_classes", num_classes, 2), _integer("dim", dim, 1)
+        num_samples, epochs = _integer("num_samples", num_samples, 1), _integer("epochs", epochs, 1)
+        init_seed = _integer("init_seed", init_seed)
+        if not isinstance(algorithm, str):
+            raise ArgumentError(f"algorithm must be a name (one of {', '.join(ALGORITHMS)}), got {algorithm!r}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ArgumentError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.algorithm = algorithm.lower()
         self.loss_fn = build(self.algorithm, num_samples, dtype=dtype, epochs=epochs, **hparams)
         if device is not None:
             self.loss_fn.to(device)
-        self.num_classes, self.dim, self.num_samples = int(num_classes), int(dim), int(num_samples)
-        self.base_lr = float(get(self.algorithm).lr if lr is None else lr)
-        self.epochs = int(epochs)
+        self.num_classes, self.dim, self.num_samples = num_classes, dim, num_samples
+        self.base_lr = get(self.algorithm).lr if lr is None else _positive("lr", lr)
+        self.epochs = epochs
         self.process_group = effective_group(process_group)
         if self.process_group is None:
             self.rank, self.world_size = 0, 1
         else:
             self.rank, self.world_size = dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
             if num_classes < self.world_size:
-                raise ValueError(f"{self.world_size} processes need at least as many classes, got {num_classes}")
+                raise ArgumentError(f"{self.world_size} processes need at least as many classes, got {num_classes}")
         self.lo, self.hi = class_range(num_classes, self.rank, self.world_size)
         self.register_buffer("weight", init_weight(num_classes, dim, init_seed, device or "cpu", dtype,
                                                    rows=(self.lo, self.hi)))
@@ -169,11 +179,12 @@ class SparseSoftmaxHead(nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         """Start 1-based ``epoch``: the previous epoch's rows are brought up to date
-        (momentum / weight decay), then the lr and the dual schedule follow ``epoch``."""
-        if not 1 <= int(epoch) <= self.epochs:
-            raise ValueError(f"epoch must be in [1, {self.epochs}], got {epoch}")
+        (momentum / weight decay), then the lr and the dual schedule follow ``epoch``.
+        ``epoch``: an integer in ``[1, epochs]`` (ArgumentError otherwise: 1.7 is not
+        an epoch)."""
+        epoch = _integer("epoch", epoch, 1, self.epochs)
         self.flush()
-        self.epoch = int(epoch)
+        self.epoch = epoch
         self.loss_fn.set_epoch(self.epoch, self.epochs)
 
     @torch.no_grad()
@@ -238,12 +249,11 @@ class SparseSoftmaxHead(nn.Module):
 
         Resets the training state: the momentum buffer to zero, every dual to unset
         (each row's next visit estimates it afresh, as in a new head); the epoch and
-        the lr schedule are left alone. Raises ``ValueError`` (on every rank) on a
+        the lr schedule are left alone. Raises ArgumentError (a ValueError; on every rank) on a
         batch that is not ``(B, D)`` embeddings with ``(B,)`` integer labels in
         ``[0, num_classes)``, on non-finite embeddings, or when ``batches`` gives no
         rows; the weight then holds a partial sum (call again with good data)."""
-        if probe_size < 1:
-            raise ValueError(f"probe_size must be >= 1, got {probe_size}")
+        probe_size = _integer("probe_size", probe_size, 1)
         n = self.num_samples
         held = probe_rows(n, None if probe_size >= n else torch.arange(0, n, math.ceil(n / probe_size)))
         weight, device = self.weight, self.weight.device
@@ -264,7 +274,7 @@ class SparseSoftmaxHead(nn.Module):
             probe_x.append(x[is_held])
             probe_y.append(y[is_held])
         if position == 0:
-            raise ValueError("init_class_means_: batches gave no rows")
+            raise ArgumentError("init_class_means_: batches gave no rows")
         if self.optimizer.buf is not None:
             self.optimizer.buf.zero_()
         self.optimizer.mark_current()  # the old rows' pending catch-up belongs to a weight that is gone
@@ -291,7 +301,7 @@ class SparseSoftmaxHead(nn.Module):
             y = y.detach().to(device=self.weight.device, dtype=torch.long)
         if self.process_group is None:
             if problem:
-                raise ValueError(f"init_class_means_: {problem}")
+                raise ArgumentError(f"init_class_means_: {problem}")
             return x, y
         # one header per rank: rows, failed, done; every rank then takes the same decision
         rows = 0 if x is None or problem else x.shape[0]
@@ -301,7 +311,7 @@ class SparseSoftmaxHead(nn.Module):
         failed = [r for r, h in enumerate(headers) if int(h[1])]
         if failed:
             ranks = ", ".join(map(str, failed))
-            raise ValueError(f"init_class_means_: {problem} (rank {self.rank})" if problem else
+            raise ArgumentError(f"init_class_means_: {problem} (rank {self.rank})" if problem else
                              f"init_class_means_: rank {ranks} passed a bad batch (its error says what)")
         if all(int(h[2]) for h in headers):
             return None, None
@@ -336,11 +346,14 @@ class SparseSoftmaxHead(nn.Module):
         Class-sharded: a collective (every rank calls it with its own embeddings and
         gets its rows' (B_r, C) scores; the blocks are assembled by all-gathers).
         For large C prefer :meth:`topk`, which never builds (B, C)."""
+        problem = self._check_embeddings(embeddings)
+        if self.process_group is None and problem:
+            raise ArgumentError(problem)
         self.flush()
-        x = embeddings.detach().to(device=self.weight.device, dtype=self.weight.dtype)
+        x = None if problem else embeddings.detach().to(device=self.weight.device, dtype=self.weight.dtype)
         if self.process_group is None:
             return x @ self.weight.T
-        x, _, _, offset, _ = self._gather(x)
+        x, _, _, offset, _ = self._gather(x, problem=problem)
         blocks = all_gather_rows((x @ self.weight.T).T.contiguous(), self._shard_sizes(), self.process_group)
         return blocks.T[offset:offset + embeddings.shape[0]]
 
@@ -351,14 +364,16 @@ class SparseSoftmaxHead(nn.Module):
         :func:`xcent.classifier.scan_classes` (memory: one (B, class_chunk) block).
         Class-sharded: a collective; each rank scores its classes and the per-rank
         top-k and log-normalisers are merged."""
-        if not 1 <= k <= self.num_classes:
-            raise ValueError(f"k must be in [1, {self.num_classes}], got {k}")
+        k, class_chunk = _integer("k", k, 1, self.num_classes), _integer("class_chunk", class_chunk, 1)
+        problem = self._check_embeddings(embeddings)
+        if self.process_group is None and problem:
+            raise ArgumentError(problem)
         self.flush()
-        x = embeddings.detach().to(device=self.weight.device, dtype=self.weight.dtype)
+        x = None if problem else embeddings.detach().to(device=self.weight.device, dtype=self.weight.dtype)
         if self.process_group is None:
             scan = scan_classes(x, self.weight, k=k, class_chunk=class_chunk)
             return TopK(scan.top_ids, torch.exp(scan.top_scores - scan.lse[:, None]))
-        x, _, _, offset, _ = self._gather(x)
+        x, _, _, offset, _ = self._gather(x, problem=problem)
         scan = scan_classes(x, self.weight, k=k, class_chunk=class_chunk, class_offset=self.lo)
         scores, lse = scan.top_scores, scan.lse
         pad = k - scores.shape[1]  # a shard with fewer than k classes
@@ -384,35 +399,87 @@ class SparseSoftmaxHead(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor, index: Tensor) -> Tensor:
         """The algorithm's surrogate on the batch (a 0-dim tensor in the head's dtype).
 
-        ``embeddings`` (B, D), ``labels`` (B,) in 0..C-1, ``index`` (B,) the rows' ids
-        in 0..N-1. In training mode with autograd recording, ``loss.backward()``
-        gives ``embeddings`` the surrogate's gradient (at the head before the step) and
-        then applies the step. Otherwise nothing changes."""
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
-            raise ValueError(f"embeddings must be (B, {self.dim}), got {tuple(embeddings.shape)}")
-        if labels.shape != embeddings.shape[:1] or index.shape != embeddings.shape[:1]:
-            raise ValueError(f"labels and index must be ({embeddings.shape[0]},), got "
-                             f"{tuple(labels.shape)} and {tuple(index.shape)}")
+        ``embeddings`` (B, D) floats, ``labels`` (B,) integer class ids in 0..C-1,
+        ``index`` (B,) integer row ids in 0..N-1. In training mode with autograd
+        recording, ``loss.backward()`` gives ``embeddings`` the surrogate's gradient
+        (at the head as this forward saw it) and then applies the step. Otherwise
+        nothing changes. Raises :class:`xcent.errors.ArgumentError` (a ValueError)
+        naming the argument for anything else: float or bool labels or index (never
+        truncated), a label or row id out of range (negative ones included: they
+        would wrap around), a wrong shape. The ranges are checked on the host copies
+        of labels and index that the step needs anyway: no device read, and on CUDA a
+        clear error instead of a device-side assert. Class-sharded, every rank raises
+        (the rank with the bad batch says what is wrong; the others name it)."""
+        problem = self._check_embeddings(embeddings) or self._check_ids(embeddings, labels, index)
+        if self.process_group is None and problem:
+            raise ArgumentError(problem)
         if self._needs_epoch and self.epoch is None:
             raise RuntimeError(f"SparseSoftmaxHead: {self.algorithm}'s dual schedule follows the epoch; "
                                "call head.set_epoch(epoch) before the first step")
-        with torch.autocast(embeddings.device.type, enabled=False):
-            pending, value = self._prepare(embeddings.detach(), labels, index)
+        with torch.autocast(embeddings.device.type if torch.is_tensor(embeddings) else "cpu", enabled=False):
+            pending, value = self._prepare(embeddings, labels, index, problem)
         if not (self.training and torch.is_grad_enabled()):
             return value
         anchor = torch.zeros((), requires_grad=True)  # so that backward runs with a frozen backbone too
         return _HeadFunction.apply(anchor, embeddings, self, pending, value)
 
+    def _check_embeddings(self, embeddings) -> str:
+        """What is wrong with ``embeddings`` ('' when nothing): its shape and dtype only."""
+        if not torch.is_tensor(embeddings):
+            return f"embeddings must be a (B, {self.dim}) tensor, got {type(embeddings).__name__}"
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.dim or not embeddings.is_floating_point():
+            return f"embeddings must be (B, {self.dim}) floats, got {tuple(embeddings.shape)} {embeddings.dtype}"
+        return ""
+
+    @staticmethod
+    def _check_ids(embeddings: Tensor, labels, index) -> str:
+        """What is wrong with the types and shapes of ``labels`` and ``index`` ('' when
+        nothing); their values are checked on the host (:meth:`_range_problem`)."""
+        B = embeddings.shape[0]
+        for name, ids, what in (("labels", labels, "class ids"), ("index", index, "row ids")):
+            if not torch.is_tensor(ids):
+                return f"{name} must be a ({B},) tensor of integer {what}, got {type(ids).__name__}"
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                return f"{name} must be integer {what}, got {ids.dtype} (a float or bool is never taken for an id)"
+            if ids.shape != (B,):
+                return f"{name} must be ({B},) like the embeddings' rows, got {tuple(ids.shape)}"
+        return ""
+
+    def _range_problem(self, labels: Tensor, index: Tensor, sizes: list[int]) -> str:
+        """What is out of range in the host ``labels`` and ``index`` of the (gathered)
+        batch ('' when nothing); ``sizes``: each rank's rows, to name the rank."""
+        for name, ids, high, what in (("labels", labels, self.num_classes, "class ids"),
+                                      ("index", index, self.num_samples, "row ids")):
+            bad = (ids < 0) | (ids >= high)
+            if bool(bad.any()):
+                first = int(bad.to(torch.uint8).argmax())
+                where = f"{int(bad.sum())} outside it, e.g. {int(ids[first])}"
+                if len(sizes) > 1:
+                    rank = next(r for r in range(len(sizes)) if first < sum(sizes[:r + 1]))
+                    first -= sum(sizes[:rank])
+                    where += f" at position {first} of rank {rank}'s batch"
+                else:
+                    where += f" at position {first}"
+                return f"{name} must be {what} in [0, {high}), got {where}"
+        return ""
+
     @torch.no_grad()
-    def _gather(self, x: Tensor, labels: Tensor | None = None, index: Tensor | None = None):
+    def _gather(self, x: Tensor | None, labels: Tensor | None = None, index: Tensor | None = None,
+                problem: str = ""):
         """The global batch of all ranks: ``(x, labels, index, row_offset, sizes)``
-        (labels and index only when given)."""
+        (labels and index only when given). ``problem``: what is wrong with this rank's
+        inputs ('' when nothing; then ``x`` may be None); it travels with the row
+        counts, so that every rank raises together instead of waiting for the others."""
         if self.process_group is None:
             return x, labels, index, 0, [x.shape[0]]
-        n = torch.tensor([x.shape[0]], device=x.device)
-        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
-        dist.all_gather(sizes, n, group=self.process_group)
-        sizes = [int(s) for s in sizes]
+        n = torch.tensor([0 if problem else x.shape[0], bool(problem)], device=self.weight.device)
+        headers = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(headers, n, group=self.process_group)
+        failed = [r for r, h in enumerate(headers) if int(h[1])]
+        if failed:
+            raise ArgumentError(f"{problem} (rank {self.rank})" if problem else
+                                f"rank {', '.join(map(str, failed))} passed a bad batch (its error says what)")
+        sizes = [int(h[0]) for h in headers]
         offset = sum(sizes[:self.rank])
         x = all_gather_rows(x, sizes, self.process_group)
         if labels is None:
@@ -422,18 +489,21 @@ class SparseSoftmaxHead(nn.Module):
         return x, ids[:, 0], ids[:, 1], offset, sizes
 
     @torch.no_grad()
-    def _prepare(self, embeddings: Tensor, labels: Tensor, index: Tensor) -> tuple[_Pending, Tensor]:
+    def _prepare(self, embeddings: Tensor, labels: Tensor, index: Tensor, problem: str = ""
+                 ) -> tuple[_Pending, Tensor]:
         """Everything of the step except its writes: ``(pending, surrogate)``."""
-        num_local = embeddings.shape[0]
-        x = embeddings.to(device=self.weight.device, dtype=self.weight.dtype)
+        x = None if problem else embeddings.detach().to(device=self.weight.device, dtype=self.weight.dtype)
+        num_local = 0 if problem else x.shape[0]
+        sizes = [num_local]
         if self.process_group is not None:  # all-gathered on the device (the collective's), then read once
-            x, labels, index, offset, _ = self._gather(x, labels.to(x.device), index.to(x.device))
+            if problem:
+                self._gather(None, problem=problem)  # raises on every rank
+            x, labels, index, offset, sizes = self._gather(x, labels.to(x.device), index.to(x.device))
         else:
             offset = 0
         labels, index = _ids_to_host(labels, index)
-        # one process: index_select rejects a label out of range; a shard would skip it
-        if self.process_group is not None and bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(f"labels must be class ids in [0, {self.num_classes})")
+        if problem := self._range_problem(labels, index, sizes):  # the same on every rank: all raise
+            raise ArgumentError(problem)
         batch = sharded_in_batch(x, labels, self.weight, self.lo, self.process_group,
                                  read_rows=self.optimizer.current)
         if batch.num_distinct < 2:
@@ -450,6 +520,35 @@ class SparseSoftmaxHead(nn.Module):
         loss_fn.write_duals(index, nu_old, set_old)
         M = row_gradient_weights_(batch.label_pos, G)
         return _Pending(batch, M, index, nu_new, offset, num_local), value
+
+
+def _integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int, or :class:`xcent.errors.ArgumentError` naming ``name``: a
+    float (2.0 included: an epoch, a count or an id is never truncated) or a bool is
+    refused, as is a value outside ``[low, high]``."""
+    try:
+        if isinstance(value, bool) or (torch.is_tensor(value) and value.dtype == torch.bool):
+            raise TypeError
+        number = operator.index(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ArgumentError(f"{name} must be an integer, got {value!r}") from None
+    if (low is not None and number < low) or (high is not None and number > high):
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ArgumentError(f"{name} must be {span}, got {number}")
+    return number
+
+
+def _positive(name: str, value) -> float:
+    """``value`` as a finite float > 0, or ArgumentError naming ``name``."""
+    try:
+        if isinstance(value, (bool, str)):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ArgumentError(f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ArgumentError(f"{name} must be > 0 and finite, got {number:g}")
+    return number
 
 
 def _ids_to_host(labels: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .classifier import InBatch, in_batch_logits, matmul_nt, relative_logits_, row_gradient_weights_, sparse_sgd_step
+from .errors import ArgumentError
 from .sync import host_read, to_device, to_host
 
 __all__ = ["LazySGD", "StepMonitor", "StepResult", "effective_group", "sharded_in_batch", "step_health", "step_ok",
@@ -271,10 +272,10 @@ class LazySGD:
 
     def __init__(self, num_rows: int, dim: int, momentum: float = 0.0, weight_decay: float = 0.0,
                  dtype: torch.dtype = torch.float32, device=None):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not 0.0 <= momentum < 1.0:  # NaN fails too
+            raise ArgumentError(f"momentum must be in [0, 1), got {momentum}")
+        if not 0.0 <= weight_decay < math.inf:
+            raise ArgumentError(f"weight_decay must be >= 0 and finite, got {weight_decay}")
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.buf = torch.zeros(num_rows, dim, dtype=dtype, device=device) if self.momentum > 0 else None
         self.last = torch.zeros(num_rows, dtype=torch.long) if self.lazy else None  # on the host

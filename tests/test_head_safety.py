@@ -1,0 +1,205 @@
+"""xcent.SparseSoftmaxHead used wrongly: bad arguments are refused with an error naming
+them (and change nothing), one process and two class-sharded gloo processes."""
+
+import copy
+import datetime
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from xcent.errors import ArgumentError, UsageError
+from xcent.head import SparseSoftmaxHead
+
+C, D, N, B = 20, 4, 16, 6
+
+
+def snapshot(head):
+    return {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in head.state_dict().items()}
+
+
+def same_state(a, b):
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, b[k]) or torch.allclose(v, b[k], rtol=0, atol=0, equal_nan=True), k
+        else:
+            assert v == b[k], k
+
+
+def trained_head(**kw):
+    """A head with some state (duals set, momentum), one step taken."""
+    head = SparseSoftmaxHead(C, D, N, algorithm="sox", epochs=2, momentum=0.5, weight_decay=0.1, **kw)
+    head.set_epoch(1)
+    head(torch.randn(B, D), torch.tensor([0, 1, 1, 2, 5, 19]), torch.arange(B)).backward()
+    return head
+
+
+def good_batch():
+    return torch.randn(B, D, requires_grad=True), torch.tensor([0, 3, 3, 7, 8, 19]), torch.tensor([15, 1, 2, 3, 4, 5])
+
+
+BAD_IDS = {  # name: (labels, index, what the error must say)
+    "negative index": (None, torch.tensor([-1, 1, 2, 3, 4, 5]),
+                       r"index must be row ids in \[0, 16\), got 1 outside it, e.g. -1 at position 0"),
+    "index past the rows": (None, torch.tensor([0, 1, 2, 3, 4, 16]), r"index must be row ids in \[0, 16\).*16"),
+    "float index": (None, torch.tensor([0.0, 1.7, 2, 3, 4, 5]), r"index must be integer row ids, got torch.float32"),
+    "bool index": (None, torch.ones(B, dtype=torch.bool), r"index must be integer row ids, got torch.bool"),
+    "index of another shape": (None, torch.arange(B + 1), r"index must be \(6,\)"),
+    "list index": (None, list(range(B)), r"index must be a \(6,\) tensor"),
+    "label past the classes": (torch.tensor([0, 1, 2, 3, 20, 5]), None,
+                               r"labels must be class ids in \[0, 20\), got 1 outside it, e.g. 20 at position 4"),
+    "negative label": (torch.tensor([0, 1, -2, 3, 4, 5]), None, r"labels must be class ids in \[0, 20\).*-2"),
+    "float labels": (torch.tensor([0.0, 1.9, 2, 3, 4, 5]), None,
+                     r"labels must be integer class ids, got torch.float32"),
+    "float64 labels": (torch.arange(B, dtype=torch.float64), None, r"labels must be integer class ids"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IDS))
+def test_bad_labels_or_index_are_refused_and_change_nothing(case):
+    """A negative row id used to set the dual of row N - 1, float ids were truncated, a
+    label out of range gave a bare IndexError (a device-side assert on CUDA): now one
+    ValueError naming the argument, the range and an offending value; nothing changes."""
+    head = trained_head()
+    before = snapshot(head)
+    x, labels, index = good_batch()
+    bad_labels, bad_index, message = BAD_IDS[case]
+    with pytest.raises(ArgumentError, match=message):
+        head(x, labels if bad_labels is None else bad_labels, index if bad_index is None else bad_index)
+    with pytest.raises(ValueError):  # ArgumentError is a ValueError (and a library UsageError)
+        head(x, labels if bad_labels is None else bad_labels, index if bad_index is None else bad_index)
+    assert issubclass(ArgumentError, UsageError)
+    same_state(before, snapshot(head))
+    head(x, labels, index).backward()  # the head still works
+
+
+@pytest.mark.parametrize("embeddings,message", [
+    (torch.randn(B, D + 1), r"embeddings must be \(B, 4\) floats, got \(6, 5\)"),
+    (torch.randn(B), r"embeddings must be \(B, 4\) floats"),
+    (torch.ones(B, D, dtype=torch.long), r"embeddings must be \(B, 4\) floats, got \(6, 4\) torch.int64"),
+    (np.zeros((B, D), dtype=np.float32), r"embeddings must be a \(B, 4\) tensor, got ndarray"),
+])
+def test_bad_embeddings_are_refused(embeddings, message):
+    head = trained_head()
+    _, labels, index = good_batch()
+    with pytest.raises(ArgumentError, match=message):
+        head(embeddings, labels, index)
+    with pytest.raises(ArgumentError, match=message):
+        head.logits(embeddings)
+    with pytest.raises(ArgumentError, match=message):
+        head.topk(embeddings, 3)
+
+
+@pytest.mark.parametrize("epoch", [1.7, 2.0, True, "2", 0, 3, None, torch.tensor(1.0)])
+def test_set_epoch_refuses_anything_but_an_integer_epoch(epoch):
+    """set_epoch(1.7) used to run epoch 1; an epoch is an integer in [1, epochs]."""
+    head = trained_head()
+    with pytest.raises(ArgumentError, match="epoch must be"):
+        head.set_epoch(epoch)
+    assert head.epoch == 1
+
+
+def test_set_epoch_takes_integers_of_any_kind():
+    head = trained_head()
+    for epoch in (np.int64(2), torch.tensor(1), 2):
+        head.set_epoch(epoch)
+        assert head.epoch == int(epoch) and type(head.epoch) is int
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_classes": 10.5}, "num_classes must be an integer, got 10.5"),
+    ({"num_classes": 1}, r"num_classes must be >= 2, got 1"),
+    ({"dim": 0}, "dim must be >= 1"),
+    ({"num_samples": 2.5}, "num_samples must be an integer"),
+    ({"num_samples": 0}, "num_samples must be >= 1"),
+    ({"epochs": 1.5}, "epochs must be an integer"),
+    ({"lr": 0.0}, r"lr must be > 0 and finite, got 0"),
+    ({"lr": -1.0}, r"lr must be > 0 and finite"),
+    ({"lr": math.nan}, r"lr must be > 0 and finite, got nan"),
+    ({"lr": math.inf}, r"lr must be > 0 and finite"),
+    ({"lr": "5"}, r"lr must be a number"),
+    ({"lr": True}, r"lr must be a number"),
+    ({"weight_decay": math.inf}, "weight_decay must be >= 0 and finite"),
+    ({"weight_decay": math.nan}, "weight_decay must be >= 0 and finite"),
+    ({"momentum": math.nan}, r"momentum must be in \[0, 1\)"),
+    ({"dtype": torch.int64}, "dtype must be a floating-point torch.dtype"),
+    ({"algorithm": None}, "algorithm must be a name"),
+    ({"init_seed": 1.5}, "init_seed must be an integer"),
+])
+def test_constructor_refuses_bad_arguments(kwargs, message):
+    args = {"num_classes": C, "dim": D, "num_samples": N} | kwargs
+    with pytest.raises(ArgumentError, match=message):
+        SparseSoftmaxHead(**args)
+
+
+def test_topk_refuses_a_fractional_k():
+    head = trained_head()
+    with pytest.raises(ArgumentError, match="k must be an integer"):
+        head.topk(torch.randn(2, D), 2.5)
+    with pytest.raises(ArgumentError, match=r"k must be in \[1, 20\]"):
+        head.topk(torch.randn(2, D), 21)
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _init_group(rank, world, init_file):
+    # a short timeout: a rank that raised alone would leave the other waiting in a collective
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    torch.set_num_threads(1)
+
+
+def _misuse_worker(rank, world, init_file, out_dir):
+    _init_group(rank, world, init_file)
+    out = {}
+    try:
+        head = SparseSoftmaxHead(45, 6, 40, algorithm="scent", lr=0.7, epochs=2, process_group=dist.group.WORLD)
+        head.set_epoch(1)
+        gen = torch.Generator().manual_seed(rank)
+        x, y = torch.randn(5, 6, generator=gen), torch.randint(0, 45, (5,), generator=gen)
+        idx = torch.arange(5) + 5 * rank
+        before = snapshot(head)
+        errors = []
+        cases = [  # each: (labels, index, embeddings) of this rank
+            (y if rank == 0 else torch.tensor([0, 1, 45, 2, 3]), idx, x),   # rank 1: label out of range
+            (y, idx if rank == 0 else idx.float(), x),                       # rank 1: float index
+            (y, idx, x if rank == 1 else torch.randn(5, 7)),                 # rank 0: embeddings of width 7
+        ]
+        for labels, index, emb in cases:
+            try:
+                head(emb.requires_grad_(), labels, index).backward()
+                errors.append(None)
+            except ValueError as e:
+                errors.append(str(e))
+        out["errors"] = errors
+        out["unchanged"] = all(torch.equal(v, snapshot(head)[k]) or torch.allclose(v, snapshot(head)[k],
+                                                                                  equal_nan=True)
+                               for k, v in before.items() if torch.is_tensor(v))
+        head(x.requires_grad_(), y, idx).backward()  # both ranks still in step
+        out["after"] = head.weight.clone()
+    finally:
+        torch.save(out, os.path.join(out_dir, f"misuse{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def test_two_processes_refuse_a_bad_batch_together(tmp_path):
+    """Class-sharded, one rank's bad batch makes every rank raise (the bad rank says what,
+    the other names it) instead of leaving it waiting in a collective; nothing changes,
+    and the next good step runs on both."""
+    mp.spawn(_misuse_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"misuse{r}.pt", weights_only=False) for r in range(2)]
+    label_error = r"labels must be class ids in [0, 45), got 1 outside it, e.g. 45 at position 2 of rank 1's batch"
+    assert ranks[0]["errors"][0] == ranks[1]["errors"][0] == label_error
+    assert "index must be integer row ids, got torch.float32" in ranks[1]["errors"][1]
+    assert ranks[1]["errors"][1].endswith("(rank 1)")
+    assert ranks[0]["errors"][1] == "rank 1 passed a bad batch (its error says what)"
+    assert ranks[0]["errors"][2].startswith("embeddings must be (B, 6) floats, got (5, 7)")
+    assert ranks[1]["errors"][2] == "rank 0 passed a bad batch (its error says what)"
+    assert ranks[0]["unchanged"] and ranks[1]["unchanged"]
+    assert ranks[0]["after"].shape == (23, 6) and ranks[1]["after"].shape == (22, 6)
