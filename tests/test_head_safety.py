@@ -11,9 +11,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_head import ALGOS, HP, dense_reference, spec_step
 
+from xcent.classifier import init_weight
 from xcent.errors import ArgumentError, UsageError
 from xcent.head import SparseSoftmaxHead
+from xcent.losses import build
+from xcent.train import lr_at
 
 C, D, N, B = 20, 4, 16, 6
 
@@ -145,6 +149,123 @@ def test_topk_refuses_a_fractional_k():
         head.topk(torch.randn(2, D), 21)
 
 
+# --------------------------------------------------------------------------- gradient accumulation
+
+
+def _accumulation_batches(rng, Bs=(10, 8, 9)):
+    """Batches sharing classes (3, 7, 11) and one row (id 4): the later steps see the
+    earlier ones' rows and that row's dual."""
+    out = []
+    for b, start in zip(Bs, (0, 4, 12)):
+        y = rng.choice([0, 3, 3, 7, 7, 11, 25, 29, 14, 5], size=b)
+        out.append((rng.normal(size=(b, 6)), y, np.r_[4, np.arange(start + 20, start + 20 + b - 1)]))
+    return out
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_accumulated_forwards_equal_sequential_steps(name):
+    """``(head(b1) + head(b2) + head(b3)).backward()``, the usual gradient accumulation:
+    each batch's step is the algorithm's single step on it, applied in backward order
+    (autograd runs the last forward's first) at the head as the previous steps left it,
+    i.e. three sequential float64 steps of the spec; each batch's embeddings' gradient
+    is the one at the head its forward saw. (Before, every step wrote
+    ``row_at_forward - lr g``: the first batch's step overwrote the later ones' on the
+    classes they share, and the shared row's dual kept only one update.)"""
+    from xcent import sync
+
+    C, E = 30, 3
+    head = SparseSoftmaxHead(C, 6, 40, algorithm=name, lr=0.8, epochs=E, dtype=torch.float64, **HP[name])
+    with torch.no_grad():
+        head.weight.mul_(40)  # logits of order 1
+    head.set_epoch(1)
+    head(torch.randn(8, 6, dtype=torch.float64), torch.arange(8) % 5, torch.arange(8)).backward()  # duals to revisit
+    head.set_epoch(2)
+    rng = np.random.default_rng(3)
+    batches = _accumulation_batches(rng)
+    W0, nu0, set0 = head.weight.numpy().copy(), head.loss_fn.nu.numpy().copy(), head.loss_fn.nu_set.numpy().copy()
+    lr = lr_at(2, E, 0.8)
+    xs = [torch.tensor(x, requires_grad=True) for x, _, _ in batches]
+    before = sync.read_count()
+    loss = sum(head(x, torch.tensor(y), torch.tensor(i)) for x, (_, y, i) in zip(xs, batches))
+    loss.backward()
+    assert sync.read_count() == before  # host labels and index: no device read, redone steps included
+    W, nu, nu_set = W0, nu0, set0
+    for x, y, i in reversed(batches):  # the spec's single steps, in backward order
+        _, W, nu, nu_set = spec_step(name, HP[name], W, nu, nu_set, x, y, i, 2, E, lr)
+    np.testing.assert_allclose(head.weight.numpy(), W, rtol=1e-9, atol=1e-12)
+    if name != "bsgd":
+        np.testing.assert_allclose(head.loss_fn.nu.numpy(), nu, rtol=1e-9, atol=1e-12)
+        assert np.array_equal(head.loss_fn.nu_set.numpy(), nu_set)
+    for xt, (x, y, i) in zip(xs, batches):  # embeddings' gradients at the head the forwards saw
+        dx = spec_step(name, HP[name], W0, nu0, set0, x, y, i, 2, E, lr)[0]
+        np.testing.assert_allclose(xt.grad.numpy(), dx, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_accumulation_with_momentum_equals_dense_sgd_in_backward_order(order):
+    """Two forwards, then their backwards one by one in either order: the rows and the
+    momentum buffer equal dense torch.optim.SGD taking the two batches' steps in that
+    order (untouched rows decaying and coasting), each embeddings' gradient the one at
+    the rows its forward saw."""
+    C, N, lr = 30, 40, 0.5
+    head = SparseSoftmaxHead(C, 6, N, algorithm="sox", lr=lr, epochs=3, momentum=0.9, weight_decay=0.05,
+                             dtype=torch.float64, gamma=0.5)
+    with torch.no_grad():
+        head.weight.mul_(30)
+    linear, opt, loss_fn, dense_step = dense_reference("sox", C, 6, N, lr, 0.9, 0.05, head.weight, gamma=0.5)
+    head.set_epoch(1)
+    loss_fn.set_epoch(1, 3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):  # some momentum history first
+        idx = torch.randperm(N, generator=gen)[:8]
+        y, x = torch.randint(0, 12, (8,), generator=gen), torch.randn(8, 6, generator=gen, dtype=torch.float64)
+        head(x.clone().requires_grad_(True), y, idx).backward()
+        dense_step(x, y, idx)
+    batches = [(torch.randn(9, 6, generator=gen, dtype=torch.float64), torch.randint(0, 12, (9,), generator=gen),
+                torch.arange(9) + 9 * k) for k in range(2)]
+    linear_at_forward, duals_at_forward = copy.deepcopy(linear), copy.deepcopy(loss_fn.state_dict())
+    xs = [x.clone().requires_grad_(True) for x, _, _ in batches]
+    losses = [head(xt, y, i) for xt, (_, y, i) in zip(xs, batches)]
+    for k in order:
+        losses[k].backward()
+        dense_step(*batches[k])
+    head.flush()
+    torch.testing.assert_close(head.weight, linear.weight.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(head.momentum_buffer, opt.state[linear.weight]["momentum_buffer"], rtol=1e-9,
+                               atol=1e-12)
+    for k in range(2):  # both at the forward's rows: the dense gradient at the state before either step
+        x, y, i = batches[k]
+        ref = x.clone().requires_grad_(True)
+        scores = linear_at_forward(ref)
+        U = torch.unique(y)
+        z = scores[:, U] - scores[torch.arange(len(y)), y][:, None]
+        z = z.masked_fill(U[None, :] == y[:, None], float("-inf"))
+        dual = build("sox", N, dtype=torch.float64, gamma=0.5)
+        dual.load_state_dict(duals_at_forward)
+        dual.set_epoch(1, 3)
+        dual(z, i).backward()
+        torch.testing.assert_close(xs[k].grad, ref.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_new_epoch_between_forward_and_backward_redoes_the_step():
+    """A forward's step that waits across ``set_epoch`` is taken at the new epoch's lr and
+    dual schedule (the head as it is when the step is applied), as a forward after it."""
+    kw = {"algorithm": "sox", "lr": 0.5, "epochs": 3, "dtype": torch.float64, "gamma": 0.5}
+    a, b = SparseSoftmaxHead(C, D, N, **kw), SparseSoftmaxHead(C, D, N, **kw)
+    x, y, idx = good_batch()
+    x = x.detach().double()
+    for head in (a, b):
+        head.set_epoch(1)
+        head(x.clone().requires_grad_(True), y, idx).backward()  # the duals, revisited below
+    loss = a(x.clone().requires_grad_(True), y, idx)
+    a.set_epoch(2)
+    loss.backward()
+    b.set_epoch(2)
+    b(x.clone().requires_grad_(True), y, idx).backward()
+    torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+    torch.testing.assert_close(a.loss_fn.nu, b.loss_fn.nu, rtol=0, atol=0, equal_nan=True)
+
+
 # --------------------------------------------------------------------------- two processes
 
 
@@ -183,15 +304,35 @@ def _misuse_worker(rank, world, init_file, out_dir):
                                for k, v in before.items() if torch.is_tensor(v))
         head(x.requires_grad_(), y, idx).backward()  # both ranks still in step
         out["after"] = head.weight.clone()
+        out["accumulation"] = _accumulate(rank, dist.group.WORLD)
     finally:
         torch.save(out, os.path.join(out_dir, f"misuse{rank}.pt"))
         dist.destroy_process_group()
 
 
+def _global_batches():
+    gen = torch.Generator().manual_seed(11)
+    return [(torch.randn(12, 6, generator=gen, dtype=torch.float64) * 5, torch.randint(0, 45, (12,), generator=gen),
+             torch.arange(12) + 9 * k) for k in range(3)]  # rows 9..11 in two batches
+
+
+def _accumulate(rank, group):
+    """Three forwards summed, one backward; rank r passes rows 6r..6r+5 of each batch."""
+    head = SparseSoftmaxHead(45, 6, 40, algorithm="sox", lr=0.7, epochs=2, dtype=torch.float64,
+                             process_group=group, init_seed=3, **HP["sox"])
+    head.set_epoch(1)
+    part = slice(6 * rank, 6 * rank + 6)
+    xs = [x[part].clone().requires_grad_(True) for x, _, _ in _global_batches()]
+    sum(head(x, y[part], i[part]) for x, (_, y, i) in zip(xs, _global_batches())).backward()
+    head.flush()
+    return {"weight": head.weight.clone(), "nu": head.loss_fn.nu.clone(), "grads": [x.grad for x in xs]}
+
+
 def test_two_processes_refuse_a_bad_batch_together(tmp_path):
     """Class-sharded, one rank's bad batch makes every rank raise (the bad rank says what,
     the other names it) instead of leaving it waiting in a collective; nothing changes,
-    and the next good step runs on both."""
+    and the next good step runs on both. Then gradient accumulation over two processes
+    equals the spec's sequential steps in float64."""
     mp.spawn(_misuse_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"misuse{r}.pt", weights_only=False) for r in range(2)]
     label_error = r"labels must be class ids in [0, 45), got 1 outside it, e.g. 45 at position 2 of rank 1's batch"
@@ -203,3 +344,18 @@ def test_two_processes_refuse_a_bad_batch_together(tmp_path):
     assert ranks[1]["errors"][2] == "rank 0 passed a bad batch (its error says what)"
     assert ranks[0]["unchanged"] and ranks[1]["unchanged"]
     assert ranks[0]["after"].shape == (23, 6) and ranks[1]["after"].shape == (22, 6)
+    # gradient accumulation, class-sharded: the spec's sequential steps in backward order
+    W0 = init_weight(45, 6, 3, dtype=torch.float64).numpy()
+    W, nu, nu_set = W0, np.full(40, np.nan), np.zeros(40, dtype=bool)
+    grads = []
+    for x, y, i in reversed(_global_batches()):
+        grads.append(spec_step("sox", HP["sox"], W0, np.full(40, np.nan), np.zeros(40, dtype=bool), x.numpy(),
+                               y.numpy(), i.numpy(), 1, 2, lr_at(1, 2, 0.7))[0])
+        _, W, nu, nu_set = spec_step("sox", HP["sox"], W, nu, nu_set, x.numpy(), y.numpy(), i.numpy(), 1, 2,
+                                     lr_at(1, 2, 0.7))
+    weight = torch.cat([r["accumulation"]["weight"] for r in ranks]).numpy()
+    np.testing.assert_allclose(weight, W, rtol=1e-9, atol=1e-12)
+    for r in range(2):
+        np.testing.assert_allclose(ranks[r]["accumulation"]["nu"].numpy(), nu, rtol=1e-9, atol=1e-12)
+        for got, full in zip(ranks[r]["accumulation"]["grads"], reversed(grads)):
+            np.testing.assert_allclose(got.numpy(), full[6 * r:6 * r + 6], rtol=1e-9, atol=1e-12)

@@ -27,6 +27,12 @@ What a training forward + backward does, for a batch of B embeddings ``x_i``:
    and weight decay otherwise). No (C, D) gradient, no (B, C) temporary: memory and
    time per step do not depend on C.
 
+Gradient accumulation (several forwards, then their backwards, e.g. one backward of
+their sum): each backward takes its forward's step, in backward order; a forward
+whose head changed in between (another step, ``set_epoch``, a load) is scored again
+at its backward, so the steps are exactly the algorithm's sequential single steps,
+while each ``dL/dx`` stays the gradient at the head its forward saw.
+
 The head's step ignores the upstream gradient of the loss (a loss scaler's factor, or
 a weight the user multiplies the loss by, scales ``embeddings.grad`` only): its lr is
 its own. A forward under ``torch.no_grad()`` or in ``eval()`` mode changes nothing.
@@ -82,10 +88,12 @@ class _Pending:
 
     batch: InBatch | None  # None: skipped (one distinct label)
     M: Tensor | None
+    labels: Tensor  # host, the global batch's
     index: Tensor  # host
     nu_new: Tensor | None
     row_offset: int  # first row of this rank's embeddings in the gathered batch
     num_local: int
+    version: int  # the head's state version the forward saw (SparseSoftmaxHead._version)
     applied: bool = False
 
 
@@ -167,6 +175,9 @@ class SparseSoftmaxHead(nn.Module):
             self.register_buffer("momentum_buffer", self.optimizer.buf)
         self.epoch: int | None = None
         self.skipped_steps = 0
+        # bumped by every change of the training state (a step, a new epoch, a load):
+        # a forward whose version is stale at its backward is scored again there
+        self._version = 0
         # the schedule-dependent algorithms (sox, asgd, softplus, umax) read the epoch
         self._needs_epoch = bool(self.loss_fn.scheduled)
 
@@ -185,6 +196,7 @@ class SparseSoftmaxHead(nn.Module):
         epoch = _integer("epoch", epoch, 1, self.epochs)
         self.flush()
         self.epoch = epoch
+        self._version += 1  # the lr and dual schedule: a forward's step pending across it is redone
         self.loss_fn.set_epoch(self.epoch, self.epochs)
 
     @torch.no_grad()
@@ -217,6 +229,7 @@ class SparseSoftmaxHead(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         # the loaded rows were saved current (saving flushes): no catch-up is owed
         self.optimizer.mark_current()
+        self._version += 1
         self.epoch, self.skipped_steps = state["epoch"], int(state["skipped_steps"])
         if self.epoch is not None:
             self.loss_fn.set_epoch(self.epoch, self.epochs)
@@ -278,6 +291,7 @@ class SparseSoftmaxHead(nn.Module):
         if self.optimizer.buf is not None:
             self.optimizer.buf.zero_()
         self.optimizer.mark_current()  # the old rows' pending catch-up belongs to a weight that is gone
+        self._version += 1
         self.loss_fn.nu.fill_(float("nan"))
         self.loss_fn.nu_set.zero_()
         return scale_class_means_(weight, counts, torch.cat(probe_x), torch.cat(probe_y), self.lo,
@@ -504,22 +518,30 @@ class SparseSoftmaxHead(nn.Module):
         labels, index = _ids_to_host(labels, index)
         if problem := self._range_problem(labels, index, sizes):  # the same on every rank: all raise
             raise ArgumentError(problem)
-        batch = sharded_in_batch(x, labels, self.weight, self.lo, self.process_group,
-                                 read_rows=self.optimizer.current)
-        if batch.num_distinct < 2:
-            zero = torch.zeros((), dtype=self.weight.dtype, device=self.weight.device)
-            return _Pending(None, None, index, None, offset, num_local), zero
         loss_fn = self.loss_fn
         index_dev = index.to(loss_fn.nu.device, non_blocking=True)
         nu_old, set_old = loss_fn.nu[index_dev].clone(), loss_fn.visited(index).clone()
-        G = loss_fn.weights(batch.logits, index)
+        batch, M = self._score(x, labels, index)
+        if M is None:
+            zero = torch.zeros((), dtype=self.weight.dtype, device=self.weight.device)
+            return _Pending(None, None, labels, index, None, offset, num_local, self._version), zero
         value = loss_fn.value
         nu_new = loss_fn.nu[index_dev].clone() if bool(loss_fn.visited(index).any()) else None
         # undo the dual writes: they belong to the backward (a forward changes nothing);
         # a repeated index has one old value, so the restore is exact
         loss_fn.write_duals(index, nu_old, set_old)
-        M = row_gradient_weights_(batch.label_pos, G)
-        return _Pending(batch, M, index, nu_new, offset, num_local), value
+        return _Pending(batch, M, labels, index, nu_new, offset, num_local, self._version), value
+
+    def _score(self, x: Tensor, labels: Tensor, index: Tensor) -> tuple[InBatch, Tensor | None]:
+        """The batch scored against the head's rows as they are now, and the algorithm's
+        dual update (written) and row gradient weights ``M`` (None when the batch has one
+        distinct label: nothing is written). ``x`` the (gathered) embeddings in the
+        head's dtype, ``labels`` and ``index`` on the host."""
+        batch = sharded_in_batch(x, labels, self.weight, self.lo, self.process_group,
+                                 read_rows=self.optimizer.current)
+        if batch.num_distinct < 2:
+            return batch, None
+        return batch, row_gradient_weights_(batch.label_pos, self.loss_fn.weights(batch.logits, index))
 
 
 def _integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
@@ -560,7 +582,14 @@ def _ids_to_host(labels: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
 
 def _take_step(head: SparseSoftmaxHead, pending: _Pending) -> Tensor:
     """The backward: ``dL/dx`` for this rank's embeddings (at the rows of the forward),
-    then the step (duals, K rows). Returns (B_local, D) in the head's dtype."""
+    then the step (duals, K rows). Returns (B_local, D) in the head's dtype.
+
+    When the head's state changed since the forward (another forward's backward ran
+    first: gradient accumulation; or ``set_epoch``, a load), the step is the
+    algorithm's step on this batch at the head as it is now: scored and its duals
+    updated afresh (one more in-batch scoring), so that the steps of several pending
+    forwards compose as sequential single steps in backward order. ``dL/dx`` stays
+    the gradient at the rows the forward saw (what it returned the value of)."""
     pending.applied = True
     batch = pending.batch
     if batch is None:
@@ -572,8 +601,13 @@ def _take_step(head: SparseSoftmaxHead, pending: _Pending) -> Tensor:
         if head.process_group is not None:
             dist.all_reduce(dx, group=head.process_group)
             dx = dx[pending.row_offset:pending.row_offset + pending.num_local]
+        stale = pending.version != head._version  # the same on every rank: they take the same steps
+        if stale:  # the step at the head as it is now (duals written by _score)
+            batch, M = head._score(batch.features, pending.labels, pending.index)
+            M = M[:, batch.owned]
         head.optimizer.step(head.weight, batch.local_rows, batch.class_weight, M, batch.features, head.lr,
                             rows_host=batch.host_rows)
-        if pending.nu_new is not None:
+        if not stale and pending.nu_new is not None:
             head.loss_fn.write_duals(pending.index, pending.nu_new, True)
+        head._version += 1
     return dx
