@@ -149,6 +149,51 @@ def test_topk_refuses_a_fractional_k():
         head.topk(torch.randn(2, D), 21)
 
 
+# --------------------------------------------------------------------------- saved states
+
+
+@pytest.mark.parametrize("saved,loading,message", [
+    ({"algorithm": "scent"}, {"algorithm": "sox"}, "the state was saved by a scent head, this head runs sox"),
+    ({"algorithm": "scent", "gamma": 1.5}, {"algorithm": "scent"}, r"scent's hyper-parameters differ: gamma 1.5 "
+                                                                   r"\(state\) vs 12.0 \(this head\)"),
+    ({"algorithm": "softplus", "rho": 0.1}, {"algorithm": "softplus"}, "softplus_rho 0.1 .state. vs 0.001"),
+    ({"algorithm": "sox", "epochs": 3}, {"algorithm": "sox", "epochs": 2},
+     r"the state is at epoch 3, outside this head's \[1, 2\]"),
+    ({"algorithm": "bsgd", "num_classes": 21}, {"algorithm": "bsgd"}, "the state holds rows 0..20 of 21 classes"),
+])
+def test_load_state_dict_refuses_another_algorithm_or_shape(saved, loading, message):
+    """A scent head's state loaded into a sox head used to be accepted (the duals of one
+    algorithm read as the other's). The algorithm, its hyper-parameters and the class
+    rows are saved, a mismatch is refused before anything is copied (also inside a
+    parent module's load), and the saved state loads with ``weights_only=True``."""
+    import io
+
+    def make(spec):
+        spec = dict(spec)
+        head = SparseSoftmaxHead(spec.pop("num_classes", C), D, N, algorithm=spec.pop("algorithm"),
+                                 epochs=spec.pop("epochs", 3), momentum=0.5, **spec)
+        head.set_epoch(head.epochs)
+        head(torch.randn(B, D), torch.tensor([0, 1, 1, 2, 5, 19]), torch.arange(B)).backward()
+        return head
+
+    buffer = io.BytesIO()
+    torch.save(make(saved).state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    head = make(loading)
+    before = snapshot(head)
+    with pytest.raises(ArgumentError, match="load_state_dict: .*" + message):
+        head.load_state_dict(state)
+    same_state(before, snapshot(head))
+    parent = torch.nn.ModuleDict({"head": head})
+    with pytest.raises(ArgumentError, match=message):
+        parent.load_state_dict({f"head.{k}": v for k, v in state.items()})
+    same_state(before, snapshot(head))
+    same = make(loading)
+    head.load_state_dict(same.state_dict())  # the same kind of head loads
+    same_state(snapshot(same), snapshot(head))
+
+
 # --------------------------------------------------------------------------- gradient accumulation
 
 

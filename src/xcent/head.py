@@ -70,7 +70,7 @@ from .classifier import InBatch, init_weight, row_gradient_weights_, scan_classe
 from .distributed import all_gather_rows, class_range
 from .errors import ArgumentError
 from .init import MAX_PROBE_ROWS, InitResult, probe_rows, scale_class_means_
-from .losses import ALGORITHMS, build, get
+from .losses import ALGORITHMS, build, get, resolve_hparams
 from .predict import TopK
 from .step import LazySGD, effective_group, sharded_in_batch
 from .sync import to_host
@@ -137,8 +137,11 @@ class SparseSoftmaxHead(nn.Module):
     never truncated), ids must be in range (a negative one never wraps around).
 
     State (``state_dict``): ``weight`` (this rank's rows), ``momentum_buffer`` (when
-    momentum > 0), ``loss_fn.nu`` / ``loss_fn.nu_set`` (the duals), and the epoch;
-    saving first brings every row up to date, so that loading resumes exactly.
+    momentum > 0), ``loss_fn.nu`` / ``loss_fn.nu_set`` (the duals), the epoch, and the
+    algorithm, its hyper-parameters (:attr:`hparams`) and the class rows, which loading
+    requires to match (ArgumentError before anything is copied: one algorithm's duals
+    are not another's); saving first brings every row up to date, so that loading
+    resumes exactly.
     """
 
     def __init__(self, num_classes: int, dim: int, num_samples: int, algorithm: str = "scent",
@@ -155,6 +158,9 @@ class SparseSoftmaxHead(nn.Module):
             raise ArgumentError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.algorithm = algorithm.lower()
         self.loss_fn = build(self.algorithm, num_samples, dtype=dtype, epochs=epochs, **hparams)
+        #: the algorithm's hyper-parameters by config key (given or tuned defaults), saved in the state
+        resolved = resolve_hparams(self.algorithm, hparams)
+        self.hparams = {p.key: resolved[p.key] for p in get(self.algorithm).parameters if p.argument}
         if device is not None:
             self.loss_fn.to(device)
         self.num_classes, self.dim, self.num_samples = num_classes, dim, num_samples
@@ -224,7 +230,46 @@ class SparseSoftmaxHead(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def get_extra_state(self) -> Any:
-        return {"epoch": self.epoch, "skipped_steps": self.skipped_steps}
+        return {"epoch": self.epoch, "skipped_steps": self.skipped_steps, **self._identity()}
+
+    def _identity(self) -> dict:
+        """What a saved state must agree on to be loaded here: the algorithm and its
+        hyper-parameters (they give the duals their meaning) and the class rows."""
+        return {"algorithm": self.algorithm, "hparams": dict(self.hparams), "num_classes": self.num_classes,
+                "rows": [self.lo, self.hi]}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checked before anything is copied (this module's tensors here, loss_fn's after):
+        # a refused state leaves the head as it was
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None and (problem := self._state_problem(extra)):
+            raise ArgumentError(f"load_state_dict: {problem}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _state_problem(self, extra: Any) -> str:
+        """Why a saved head's extra state cannot be loaded into this head ('' when it can).
+        States saved before the algorithm was recorded carry no identity: accepted."""
+        if not isinstance(extra, dict) or "epoch" not in extra or "skipped_steps" not in extra:
+            return "the state's _extra_state is not a SparseSoftmaxHead's"
+        epoch = extra["epoch"]
+        if epoch is not None and not (isinstance(epoch, int) and 1 <= epoch <= self.epochs):
+            return f"the state is at epoch {epoch!r}, outside this head's [1, {self.epochs}] (epochs={self.epochs})"
+        if "algorithm" not in extra:
+            return ""
+        mine = self._identity()
+        if extra["algorithm"] != mine["algorithm"]:
+            return (f"the state was saved by a {extra['algorithm']} head, this head runs {mine['algorithm']} "
+                    "(their duals mean different things)")
+        changed = [f"{k} {extra['hparams'].get(k)} (state) vs {v} (this head)"
+                   for k, v in mine["hparams"].items() if extra["hparams"].get(k) != v]
+        if changed:
+            return f"{mine['algorithm']}'s hyper-parameters differ: " + ", ".join(changed)
+        if extra["num_classes"] != mine["num_classes"] or list(extra["rows"]) != mine["rows"]:
+            lo, hi = extra["rows"]
+            return (f"the state holds rows {lo}..{hi - 1} of {extra['num_classes']} classes, this head rows "
+                    f"{self.lo}..{self.hi - 1} of {self.num_classes} (load each rank's state into the same "
+                    "rank of a head with the same classes and number of processes)")
+        return ""
 
     def set_extra_state(self, state: Any) -> None:
         # the loaded rows were saved current (saving flushes): no catch-up is owed
