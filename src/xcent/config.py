@@ -198,10 +198,12 @@ def _real_type() -> type:
 def train_parser(prog: str = "xcent train", description: str | None = None, defaults: dict | None = None):
     """The jsonargparse parser of :class:`TrainConfig` (errors raise, never exit);
     ``defaults`` replaces field defaults (a field given one is no longer required)."""
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+    from jsonargparse import ActionConfigFile, ActionYesNo
+
+    from .yamlio import argument_parser
 
     defaults = defaults or {}
-    p = ArgumentParser(prog=prog, exit_on_error=False, description=description or (
+    p = argument_parser(prog=prog, exit_on_error=False, description=description or (
         "Train a linear classifier over precomputed features with one of the algorithms "
         f"({', '.join(losses.REGISTRY)}). The flags are those of the reference implementation's train.py "
         "(Optimization-AI/SCENT, `xc/`) plus xcent's own; a saved OUT/config.yaml is itself a valid --config."))

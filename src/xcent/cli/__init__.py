@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..errors import UsageError, XcentError
 from ..fileio import describe_output_error
+from ..yamlio import MAX_YAML_BYTES, check_yaml, load_yaml
 
 #: subcommand name -> (module:function, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -88,8 +89,9 @@ def _one_line_parser_errors():
 
 def _check_config_files(argv: list[str]) -> None:
     """``--config FILE`` must be a readable UTF-8 text file (jsonargparse would raise a
-    bare UnicodeDecodeError on a binary one). Values that are not existing paths are
-    left to the parser (it also accepts an inline YAML string)."""
+    bare UnicodeDecodeError on a binary one) within the bounds of :mod:`xcent.yamlio`
+    (checked here too, so that the message names the file as given). A value that is
+    not an existing path must be an inline YAML mapping (jsonargparse accepts one)."""
     for i, arg in enumerate(argv):
         flag, _, value = arg.partition("=")
         if flag not in ("--config", "--config-file"):
@@ -97,12 +99,22 @@ def _check_config_files(argv: list[str]) -> None:
         if not value:
             value = argv[i + 1] if i + 1 < len(argv) else ""
         path = Path(value)
-        if not value or not path.exists():
+        try:
+            exists = bool(value) and path.exists()
+        except OSError:  # e.g. an inline YAML text longer than a file name may be
+            exists = False
+        if not exists:
+            shown = value if "\n" not in value and len(value) <= 80 else "(inline YAML)"
+            if value and not isinstance(load_yaml(value, f"{flag} {shown}"), dict):
+                raise UsageError(f"{flag} {shown}: no such file, nor a YAML mapping given inline")
             continue
         if not path.is_file():
             raise UsageError(f"{flag} {value}: not a file")
         try:
-            path.read_bytes().decode("utf-8")
+            if path.stat().st_size > MAX_YAML_BYTES:  # read before jsonargparse reads it whole
+                raise UsageError(f"{flag} {value}: {path.stat().st_size} bytes, more than the {MAX_YAML_BYTES} "
+                                 f"read from a YAML file")
+            check_yaml(path.read_bytes().decode("utf-8"), f"{flag} {value}")  # named as given
         except UnicodeDecodeError as exc:
             raise UsageError(f"{flag} {value}: not a UTF-8 text (YAML) file (byte {exc.start})") from None
         except OSError as exc:

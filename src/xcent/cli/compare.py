@@ -46,9 +46,11 @@ def _parse(parser, argv: list[str]):
 
 
 def compare_parser():
-    from jsonargparse import ActionYesNo, ArgumentParser
+    from jsonargparse import ActionYesNo
 
-    p = ArgumentParser(
+    from ..yamlio import argument_parser
+
+    p = argument_parser(
         prog="xcent compare", exit_on_error=False,
         description="Run several algorithms (and seeds, and hyper-parameter grids) with the same `xcent train` "
                     "settings, in sequence and resumably (finished runs are skipped, interrupted ones resume), "
@@ -151,9 +153,9 @@ def compare_main(argv: list[str]) -> int:
 
 
 def plot_parser():
-    from jsonargparse import ArgumentParser
+    from ..yamlio import argument_parser
 
-    p = ArgumentParser(
+    p = argument_parser(
         prog="xcent plot", exit_on_error=False,
         description="Draw the comparison figure (train and val full-CE loss vs epoch, one colour per algorithm, "
                     "mean and min-max band over the runs of an algorithm) from run directories: xcent train runs, "

@@ -10,9 +10,11 @@ from ..errors import UsageError
 
 
 def synth_main(argv: list[str]) -> int:
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
-    p = ArgumentParser(
+    from ..yamlio import argument_parser
+
+    p = argument_parser(
         prog="xcent synth", description="Write a seeded long-tailed synthetic dataset in the layout xcent train reads."
     )
     p.add_argument("--config", action=ActionConfigFile)
@@ -48,12 +50,11 @@ def synth_main(argv: list[str]) -> int:
 def inspect_main(argv: list[str]) -> int:
     import json
 
-    from jsonargparse import ArgumentParser
-
     from ..fileio import write_text_atomic
     from ..inspect import data_report, format_report
+    from ..yamlio import argument_parser
 
-    p = ArgumentParser(prog="xcent inspect", description=(
+    p = argument_parser(prog="xcent inspect", description=(
         "Report rows, classes, train rows per class, feature norms and val/test classes unseen in train "
         "of DATA_DIR, with the settings it suggests."))
     p.add_argument("data_dir", type=str, help="DATA_DIR/{train,val,test}/features|labels.{pt,npy}")

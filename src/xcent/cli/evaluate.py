@@ -19,13 +19,12 @@ def _f(v, spec=".4f") -> str:
 
 
 def main(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
     from ..modelio import load_model
+    from ..yamlio import argument_parser
 
-    p = ArgumentParser(prog="xcent eval",
-                       description="Full-softmax CE, top-1/top-5 and macro accuracy of a checkpoint (or a "
-                                   "safetensors export) on a split, overall and by class frequency in train.")
+    p = argument_parser(prog="xcent eval",
+                        description="Full-softmax CE, top-1/top-5 and macro accuracy of a checkpoint (or a "
+                                    "safetensors export) on a split, overall and by class frequency in train.")
     p.add_argument("--checkpoint", type=str, required=True, help="an xcent checkpoint or safetensors export")
     p.add_argument("--data-dir", type=str, required=True)
     p.add_argument("--split", type=str, default="val", help="train, val or test")

@@ -23,13 +23,12 @@ def _parse(parser, argv: list[str]):
 
 
 def extract_parser():
-    from jsonargparse import ArgumentParser
-
     from ..extract.backbones import ARCHS
     from ..extract.datasets import DATASETS
+    from ..yamlio import argument_parser
 
     defaults = ", ".join(f"{spec.default_arch} for {name}" for name, spec in DATASETS.items())
-    parser = ArgumentParser(
+    parser = argument_parser(
         prog="xcent extract",
         description="Extract backbone features from webdataset image shards into "
         "DIR/{features,labels,is_cached}.npy (resumable).",
@@ -103,9 +102,9 @@ def extract_main(argv: list[str]) -> int:
 
 
 def split_parser():
-    from jsonargparse import ArgumentParser
+    from ..yamlio import argument_parser
 
-    parser = ArgumentParser(
+    parser = argument_parser(
         prog="xcent split",
         description="Split the cached rows of an `xcent extract` directory into "
         "OUT/{train,val,test}/{features,labels,rows} (OUT is replaced whole, atomically).",

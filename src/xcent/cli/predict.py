@@ -24,11 +24,11 @@ def _check_out(out: str, suffixes: tuple[str, ...], flag: str = "--out") -> Path
 
 
 def predict_main(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
+    from ..yamlio import argument_parser
 
-    p = ArgumentParser(prog="xcent predict",
-                       description="Top-k classes and softmax probabilities (over all C classes) of each row "
-                                   "of a feature file.")
+    p = argument_parser(prog="xcent predict",
+                        description="Top-k classes and softmax probabilities (over all C classes) of each row "
+                                    "of a feature file.")
     p.add_argument("--checkpoint", type=str, required=True, help="an xcent checkpoint or safetensors export")
     p.add_argument("--features", type=str, required=True, help="(N, D) float .npy or .pt")
     p.add_argument("--top-k", type=int, default=5)
@@ -75,11 +75,11 @@ def predict_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
+    from ..yamlio import argument_parser
 
-    p = ArgumentParser(prog="xcent export",
-                       description="Write a checkpoint's weight and metadata (num_classes, feature_dim, "
-                                   "algorithm, epoch, label names) as safetensors.")
+    p = argument_parser(prog="xcent export",
+                        description="Write a checkpoint's weight and metadata (num_classes, feature_dim, "
+                                    "algorithm, epoch, label names) as safetensors.")
     p.add_argument("--checkpoint", type=str, required=True)
     p.add_argument("--out", type=str, required=True, help="*.safetensors")
     p.add_argument("--label-names", type=str, default=None,

@@ -11,14 +11,13 @@ from ..errors import UsageError
 
 
 def import_main(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
     from ..modelio import import_reference, save_atomic
+    from ..yamlio import argument_parser
 
-    p = ArgumentParser(prog="xcent import",
-                       description="Convert a checkpoint written by the reference implementation's train.py "
-                                   "(Optimization-AI/SCENT, xc/) into an xcent checkpoint: the weight, the epoch "
-                                   "and the duals (nu == 0 there means unset) come over.")
+    p = argument_parser(prog="xcent import",
+                        description="Convert a checkpoint written by the reference implementation's train.py "
+                                    "(Optimization-AI/SCENT, xc/) into an xcent checkpoint: the weight, the epoch "
+                                    "and the duals (nu == 0 there means unset) come over.")
     p.add_argument("--checkpoint", type=str, required=True, help="the reference's epoch_E.pt")
     p.add_argument("--algorithm", type=str, required=True, help="the algorithm it was trained with")
     p.add_argument("--out", type=str, required=True, help="the xcent checkpoint to write (.pt)")

@@ -149,15 +149,12 @@ def load_config_file(path: str) -> tuple[dict, CompareSettings]:
     """A compare ``--config`` YAML file -> (its compare keys, to be typed by the
     command's parser; the rest as settings: overrides from ``algorithms:`` and
     ``override:``, grid entries from ``grid:``, every other key a train flag)."""
-    import yaml
+    from ..yamlio import read_yaml
 
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from None
+    data = read_yaml(p, f"--config {path}")
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -250,9 +250,8 @@ def _hparams(config: dict, algo: str) -> dict:
 
 def summarize(plan) -> dict:
     """compare.json's content, read back from the run directories."""
-    import yaml
-
     from ..train import RunDir
+    from ..yamlio import read_yaml
 
     runs = []
     for spec in plan.runs:
@@ -274,8 +273,8 @@ def summarize(plan) -> dict:
         if records:
             entry["metrics"] = run_metrics(records)
         if run.config.exists():
-            saved = yaml.safe_load(run.config.read_text()) or {}
-            entry["hparams"] = _hparams(saved, spec.algorithm)
+            saved = read_yaml(run.config)
+            entry["hparams"] = _hparams(saved if isinstance(saved, dict) else {}, spec.algorithm)
         runs.append(entry)
 
     results = {}
@@ -440,7 +439,7 @@ def write_outputs(summary: dict, out_dir: Path) -> list[Path]:
 
 def runs_in(path: Path) -> list[tuple[Path, str]]:
     """(jsonl file, algorithm or label) of the runs under a RUN_DIR argument."""
-    import yaml
+    from ..yamlio import read_yaml
 
     if path.is_file() and path.suffix == ".jsonl":
         return [(path, infer_algorithm(path.stem[5:] if path.stem.startswith("eval_") else path.stem,
@@ -468,9 +467,10 @@ def runs_in(path: Path) -> list[tuple[Path, str]]:
         algo = None
         if (path / "config.yaml").exists():
             try:
-                algo = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("algorithm")
-            except yaml.YAMLError:
-                algo = None
+                saved = read_yaml(path / "config.yaml")
+            except UsageError:
+                saved = None
+            algo = saved.get("algorithm") if isinstance(saved, dict) else None
         return [(f, algo if algo in losses.REGISTRY and len(files) == 1 else
                  infer_algorithm(f.stem[5:], path.name) or f.stem[5:]) for f in files]
     found = []

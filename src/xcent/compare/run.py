@@ -41,18 +41,20 @@ def _same_value(a, b) -> bool:
 def run_state(spec: RunSpec, out_dir: Path) -> str:
     """``done``, ``failed``, ``resume`` (has a checkpoint), ``partial`` (started, no
     checkpoint) or ``new``. Raises UsageError if the directory holds a different run."""
-    import yaml
-
     from ..train import RunDir
+    from ..yamlio import read_yaml
 
     run = RunDir(out_dir, spec.name)
     if not run.path.exists():
         return "new"
     if run.config.exists():
         try:
-            saved = yaml.safe_load(run.config.read_text()) or {}
-        except yaml.YAMLError:
-            raise UsageError(f"{run.config}: not valid YAML; move the run directory away") from None
+            saved = read_yaml(run.config)
+        except UsageError as exc:
+            raise UsageError(f"{exc}; move the run directory away") from None
+        if not isinstance(saved, dict | None):
+            raise UsageError(f"{run.config}: not a mapping of settings; move the run directory away")
+        saved = saved or {}
         keys = _RUN_KEYS + losses.get(spec.algorithm).keys
         diffs = [k for k in keys if not _same_value(saved.get(k, _SAVED_DEFAULTS.get(k)), spec.config.get(k))]
         diffs += [k for k in _SHAPE_KEYS if spec.config.get(k) is not None
