@@ -27,7 +27,15 @@ from xcent.fileio import (
     open_memmap_reserved,
     write_text_atomic,
 )
-from xcent.rundir import Replacement, changed_settings, check_run_name, read_records, recover_replaced, replaced_path
+from xcent.rundir import (
+    RUN_CONFIG_KEYS,
+    Replacement,
+    changed_settings,
+    check_run_name,
+    read_records,
+    recover_replaced,
+    replaced_path,
+)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -284,29 +292,31 @@ def test_records_tolerate_a_torn_line_and_later_epochs(tmp_path):
 def test_replacement_keeps_the_old_run_until_committed(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "eval.jsonl").write_text("old\n")
+    (run / "config.yaml").write_text("".join(f"{k}: 1\n" for k in RUN_CONFIG_KEYS))  # a run's (not_a_run)
+    (run / "eval_run.jsonl").write_text("old\n")
     rep = Replacement(run)
     rep.begin()
-    assert not run.exists() and (replaced_path(run) / "eval.jsonl").read_text() == "old\n"
+    assert not run.exists() and (replaced_path(run) / "eval_run.jsonl").read_text() == "old\n"
     run.mkdir()
     (run / "partial").write_text("new")
     rep.rollback()
-    assert (run / "eval.jsonl").read_text() == "old\n" and not (run / "partial").exists()
+    assert (run / "eval_run.jsonl").read_text() == "old\n" and not (run / "partial").exists()
     rep = Replacement(run)
     rep.begin()
     run.mkdir()
     rep.commit()
     assert not replaced_path(run).exists() and run.exists()
     # a kill in between: recovery restores or finishes depending on the new run's checkpoint
-    (run / "eval.jsonl").write_text("old\n")
+    (run / "config.yaml").write_text("".join(f"{k}: 1\n" for k in RUN_CONFIG_KEYS))
+    (run / "eval_run.jsonl").write_text("old\n")
     Replacement(run).begin()
     run.mkdir()
     assert "restored" in recover_replaced(run, lambda p: False)
-    assert (run / "eval.jsonl").read_text() == "old\n"
+    assert (run / "eval_run.jsonl").read_text() == "old\n"
     Replacement(run).begin()
     run.mkdir()
     assert "removed" in recover_replaced(run, lambda p: True)
-    assert not replaced_path(run).exists() and not (run / "eval.jsonl").exists()
+    assert not replaced_path(run).exists() and not (run / "eval_run.jsonl").exists()
     assert recover_replaced(run, lambda p: True) is None
 
 

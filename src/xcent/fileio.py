@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -178,6 +179,34 @@ def atomic_dir(path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: the names xcent gives its temporary, lock and set-aside files beside an output NAME (or
+#: NAME.SUFFIX): ``.NAME.tmpPID.SUFFIX`` (:func:`atomic_path`), ``.NAME.tmpPID`` and
+#: ``.NAME.oldPID`` (:func:`atomic_dir`), ``.NAME.tmp`` (a sharded checkpoint being saved),
+#: ``.NAME.lock`` (:func:`exclusive_lock`), ``.NAME.replaced`` (``--overwrite``),
+#: ``.NAME.partial`` (``xcent synth``)
+_LEFTOVER = re.compile(r"\.(?P<stem>.+)\.(?:tmp\d*(?P<suffix>\.[^.]+)?|old\d+|lock|replaced|partial)")
+
+
+def leftover_of(name: str) -> str | None:
+    """The output that the file ``name`` is a temporary, lock or set-aside copy of (see
+    :data:`_LEFTOVER`), or None: ``.config.tmp42.yaml`` -> ``config.yaml``."""
+    m = _LEFTOVER.fullmatch(name)
+    return None if m is None else m.group("stem") + (m.group("suffix") or "")
+
+
+def foreign_entry(directory, ours) -> str | None:
+    """The first entry (sorted) of the existing ``directory`` that xcent did not write:
+    ``ours(entry_path)`` is False for it and it is not a leftover (:func:`leftover_of`)
+    of an entry that is ours. None when every entry is ours."""
+    directory = Path(directory)
+    for name in sorted(os.listdir(directory)):
+        target = leftover_of(name)
+        if ours(directory / name) or (target is not None and ours(directory / target)):
+            continue
+        return name
+    return None
+
+
 def append_line_durable(path, line: str) -> None:
     """Append one line (``line`` without its newline) to a text file and fsync it. On
     any failure (a full disk mid-line) the file is truncated back to its old length,
@@ -208,6 +237,23 @@ def lock_path(path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
+class OutputInUse(UsageError):
+    """Another process holds the output's lock (:func:`exclusive_lock`): exit status 2.
+    A caller that runs several outputs (``xcent compare``) stops on it rather than
+    recording the output as failed."""
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """``mkdir -p directory``; returns the directories this call created, deepest first."""
+    missing = []
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
 class ExclusiveLock:
     """An ``fcntl.flock`` held on :func:`lock_path` (``path``); see :func:`exclusive_lock`."""
 
@@ -215,20 +261,28 @@ class ExclusiveLock:
         self.path, self.what = Path(path), what
         self.file = lock_path(path)
         self._fd: int | None = None
+        self._created: list[Path] = []
 
     def acquire(self) -> ExclusiveLock:
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            with writing(self.file):
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        for attempt in range(100):
+            # the parent may be created here (and removed on release when still empty) or
+            # removed by another holder's release between the mkdir and the open: retry
+            self._created = _make_parents(self.file.parent) or self._created
+            try:
+                with writing(self.file):
+                    fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                if attempt == 99:
+                    raise
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 32).decode("ascii", "replace").strip()
                 os.close(fd)
                 who = f"process {holder}" if holder.isdigit() else "another process"
-                raise UsageError(f"{self.what} {self.path} is in use by {who} (lock {self.file}); "
-                                 f"wait for it to finish or stop it") from None
+                raise OutputInUse(f"{self.what} {self.path} is in use by {who} (lock {self.file}); "
+                                  f"wait for it to finish or stop it") from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -240,6 +294,9 @@ class ExclusiveLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
+        else:
+            raise OutputInUse(f"{self.what} {self.path}: its lock {self.file} keeps changing; another process "
+                              f"is taking and releasing it")
         try:
             with writing(self.file):  # the PID is only for the message: write it in place
                 os.ftruncate(fd, 0)
@@ -257,6 +314,10 @@ class ExclusiveLock:
                 self.file.unlink()
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+            for directory in self._created:  # what acquire created, if nothing was written into it
+                with suppress(OSError):
+                    directory.rmdir()
+            self._created = []
 
     def __enter__(self) -> ExclusiveLock:
         return self.acquire()

@@ -2,6 +2,13 @@
 
 * :func:`check_run_name`: ``--name`` is one path component (no ``/``, no ``..``), so a
   run never writes outside ``--out-dir``.
+* :func:`not_a_run`: what xcent may write into or replace. A *run* is a directory
+  holding only what ``xcent train`` writes (:data:`RUN_FILES`, :data:`RUN_DIRS`, the
+  ``eval_*.jsonl`` / ``steps_*.jsonl`` logs and xcent's own temporary files) with a
+  ``config.yaml`` that xcent wrote (a mapping that records the run's resolved shapes,
+  :data:`RUN_CONFIG_KEYS`); an empty directory may be used as well. Anything else (a
+  file, the data directory, a folder of the user's) is never written into, moved or
+  deleted: the trainer exits 2 before touching it, ``--overwrite`` or not.
 * :class:`Replacement`: ``--overwrite`` renames the old run aside (``.NAME.replaced``,
   atomic, same directory), and deletes it only once the new run has written its first
   checkpoint; a new run that fails before that is removed and the old one renamed
@@ -20,10 +27,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
 from pathlib import Path
 
 from .errors import UsageError
+from .fileio import foreign_entry, leftover_of
 
 #: settings that shape the trajectory besides the algorithm's own hyper-parameters (``lr``
 #: included, from the registry): resuming with another value needs --allow-changed-settings
@@ -33,6 +43,103 @@ def check_run_name(name: str) -> None:
     """``--name`` must be a single directory name inside ``--out-dir``."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise UsageError(f"--name {name!r}: must be a plain directory name (no '/', no '..')")
+
+
+# ----------------------------------------------------------------------------- what a run is
+
+#: the files ``xcent train`` writes in a run directory (``compare_failed.json``: ``xcent compare``)
+RUN_FILES = frozenset({"config.yaml", "out.log", "data_report.json", "lr_search.jsonl", "compare_failed.json"})
+#: the directories it writes there
+RUN_DIRS = frozenset({"checkpoints", "tensorboard"})
+#: the epoch and step logs, ``eval_NAME.jsonl`` and ``steps_NAME.jsonl`` (any NAME: a run renamed by hand)
+_RUN_LOG = re.compile(r"(?:eval|steps)_.+\.jsonl")
+#: keys of every ``config.yaml`` the trainer writes: the settings plus the shapes it resolved from
+#: the data (a hand-written ``--config`` rarely holds ``data_size``; a copy of a run's is one)
+RUN_CONFIG_KEYS = ("algorithm", "data_dir", "name", "num_classes", "feature_dim", "data_size")
+#: a config.yaml larger than this is not one xcent wrote (it is a few hundred bytes)
+_CONFIG_MAX_BYTES = 1 << 20
+
+
+def _is_run_entry(path: Path) -> bool:
+    """``path`` is one of a run's entries (by name and kind; by name alone when it does
+    not exist: the target of a leftover temporary file)."""
+    if path.is_symlink():
+        return False
+    if path.name in RUN_DIRS:
+        return path.is_dir() or not path.exists()
+    named = path.name in RUN_FILES or _RUN_LOG.fullmatch(path.name) is not None
+    return named and (path.is_file() or not path.exists())
+
+
+def written_config(path) -> dict | None:
+    """The ``config.yaml`` at ``path`` if the trainer wrote it (a mapping with
+    :data:`RUN_CONFIG_KEYS`, shapes as integers), else None (absent, unreadable, not
+    YAML, or a file of the user's)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > _CONFIG_MAX_BYTES:
+            return None
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return None
+    if not isinstance(config, dict) or not all(k in config for k in RUN_CONFIG_KEYS):
+        return None
+    if not all(isinstance(config[k], int) for k in ("num_classes", "feature_dim", "data_size")):
+        return None
+    return config
+
+
+def not_a_run(path, others_ok: bool = False) -> str | None:
+    """Why ``path`` must not be written into, replaced or removed by ``xcent train``,
+    or None when it may: absent, an empty directory, or a run (see the module
+    docstring; a directory holding only ``compare_failed.json`` is one too). The
+    reason reads after the path: ``is a file``, ``holds 'notes.txt', which xcent train
+    does not write``. ``others_ok``: entries xcent does not write are allowed beside a
+    run's (``--resume`` writes only its own files, so a figure saved into the run
+    directory does not stop it)."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return "is a broken symbolic link"
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return "is a file, not a run directory"
+    try:
+        foreign = foreign_entry(path, _is_run_entry)
+        names = [n for n in path.iterdir() if _is_run_entry(n)]
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if foreign is not None and not others_ok:
+        return f"holds {foreign!r}, which xcent train does not write"
+    if {n.name for n in names} <= {"compare_failed.json"} and foreign is None:
+        return None
+    if not (path / "config.yaml").is_file():
+        return "holds no config.yaml"
+    if written_config(path / "config.yaml") is None:
+        return "has a config.yaml that xcent train did not write"
+    return None
+
+
+def holds_nothing(path) -> bool:
+    """``path`` is absent, or a directory holding nothing but leftovers of interrupted
+    writes (:func:`xcent.fileio.leftover_of`) and ``compare_failed.json``: a new run
+    may start in it as it is."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return not path.exists() and not path.is_symlink()
+    return all(n == "compare_failed.json" or leftover_of(n) is not None for n in os.listdir(path))
+
+
+def refuse_non_run(path, command: str = "xcent train", others_ok: bool = False) -> None:
+    """A one-line UsageError (exit 2) if ``path`` is neither absent, empty, nor a run
+    (:func:`not_a_run`): nothing there is touched."""
+    reason = not_a_run(path, others_ok)
+    if reason is not None:
+        raise UsageError(f"{path} {reason}: not an xcent run, so {command} neither writes into it nor "
+                         f"replaces it (--overwrite replaces only a run); choose another --out-dir or --name, "
+                         f"or move it away")
 
 
 # ----------------------------------------------------------------------------- overwrite
@@ -54,6 +161,13 @@ class Replacement:
         self.pending = False
 
     def begin(self) -> None:
+        # only a run directory moves (checked again here: a file or a folder of the user's
+        # is never renamed, whoever calls), and only a run set aside before is deleted
+        refuse_non_run(self.path)
+        if self.path.is_symlink() or not self.path.is_dir():
+            raise UsageError(f"{self.path}: is a symbolic link or not a directory; --overwrite replaces only "
+                             f"a run directory")
+        check_aside(self.path)
         if self.aside.exists():  # a leftover from an older kill: recover_replaced ran first
             shutil.rmtree(self.aside)
         self.path.rename(self.aside)
@@ -71,18 +185,34 @@ class Replacement:
             self.pending = False
 
 
+def check_aside(path) -> None:
+    """A UsageError if ``.NAME.replaced`` beside ``path`` exists and is not a run (a
+    file or a folder an older xcent set aside, or one of the user's): it is never
+    deleted or renamed, so the user has to move it."""
+    aside = replaced_path(path)
+    if not (aside.exists() or aside.is_symlink()):
+        return
+    reason = "is a symbolic link" if aside.is_symlink() else not_a_run(aside)
+    if reason is not None:
+        raise UsageError(f"{aside} {reason}: it is not a run set aside by --overwrite, so xcent does not "
+                         f"remove it; move it away")
+
+
 def recover_replaced(path, has_checkpoint) -> str | None:
     """After a kill during ``--overwrite``: if the new run at ``path`` wrote a checkpoint
     (``has_checkpoint(path)``) the old run is deleted, otherwise the new run's remains
-    are removed and the old run restored. Returns what was done, or None."""
+    are removed and the old run restored. Returns what was done, or None. Only a run
+    is ever deleted or moved (:func:`check_aside`)."""
     path = Path(path)
     aside = replaced_path(path)
+    check_aside(path)
     if not aside.exists():
         return None
     if path.exists() and has_checkpoint(path):
         shutil.rmtree(aside)
         return f"removed the run replaced by --overwrite ({aside})"
-    if path.exists():
+    if path.exists() or path.is_symlink():
+        refuse_non_run(path)  # the new run's remains: a run, unless someone put something else there
         shutil.rmtree(path)
     aside.rename(path)
     return f"restored {path}: the --overwrite run that replaced it stopped before its first checkpoint"

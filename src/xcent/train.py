@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,16 @@ from .fileio import exclusive_lock, write_text_atomic
 from .loggers import JsonlLogger, MultiLogger, TensorBoardLogger
 from .losses import build
 from .losses import get as get_algorithm
-from .rundir import Replacement, changed_settings, describe_changes, read_records, recover_replaced
+from .rundir import (
+    Replacement,
+    changed_settings,
+    check_aside,
+    describe_changes,
+    holds_nothing,
+    read_records,
+    recover_replaced,
+    refuse_non_run,
+)
 from .step import LazySGD, StepMonitor, train_step
 
 log = logging.getLogger("xcent")
@@ -415,31 +425,34 @@ def train(c: TrainConfig, echo=print) -> dict:
     over the processes (:mod:`xcent.distributed`); only rank 0 writes logs."""
     from . import distributed as xd
 
-    data = load_dataset(c.data_dir, num_classes=c.num_classes, feature_dim=c.feature_dim,
-                        data_size=c.data_size, check_features=c.check_features,
-                        low_memory=c.low_memory)
-    device = resolve_device(c.device)
-    ctx = xd.init_from_env(device, c.dist_timeout) if xd.world_size_from_env() > 1 else None
-    try:
-        with ThreadPolicy.use(torch.get_num_threads()):  # the caller's thread count comes back
-            return _train(c, data, device, ctx, echo)
-    finally:
-        if ctx is not None:
-            xd.shutdown()
-
-
-def _train(c, data, device, ctx, echo) -> dict:
-    is_main = ctx is None or ctx.is_main
-    if not is_main:
-        echo = lambda *_: None  # noqa: E731  rank-0 discipline
     run = RunDir(c.out_dir, c.name)
-    # one writer per run directory; the kernel releases the lock if this process dies
+    # one writer per run directory, held from the start (before the data is read): of two
+    # processes on one run, the later one exits 2 whichever gets further first, and a run
+    # is never replaced while another process trains it. The kernel drops it if we die.
+    is_main = xd.world_size_from_env() == 1 or os.environ.get("RANK", "0") == "0"
     lock = exclusive_lock(run.path, "run").acquire() if is_main else None
     try:
-        return _train_locked(c, data, device, ctx, echo, run, is_main)
+        data = load_dataset(c.data_dir, num_classes=c.num_classes, feature_dim=c.feature_dim,
+                            data_size=c.data_size, check_features=c.check_features,
+                            low_memory=c.low_memory)
+        device = resolve_device(c.device)
+        ctx = xd.init_from_env(device, c.dist_timeout) if xd.world_size_from_env() > 1 else None
+        try:
+            with ThreadPolicy.use(torch.get_num_threads()):  # the caller's thread count comes back
+                return _train(c, data, device, ctx, echo, run)
+        finally:
+            if ctx is not None:
+                xd.shutdown()
     finally:
         if lock is not None:
             lock.release()
+
+
+def _train(c, data, device, ctx, echo, run) -> dict:
+    is_main = ctx is None or ctx.is_main
+    if not is_main:
+        echo = lambda *_: None  # noqa: E731  rank-0 discipline
+    return _train_locked(c, data, device, ctx, echo, run, is_main)
 
 
 def _has_checkpoint(path: Path) -> bool:
@@ -447,11 +460,15 @@ def _has_checkpoint(path: Path) -> bool:
 
 
 def _train_locked(c, data, device, ctx, echo, run, is_main) -> dict:
+    check_aside(run.path)  # on every rank: a refusal must not leave the others waiting
     if is_main and (note := recover_replaced(run.path, _has_checkpoint)):
         log.warning(note)
         echo(f"xcent train: {note}")
     if ctx is not None:
         ctx.barrier()  # rank 0 has recovered an interrupted --overwrite before anyone looks
+    # a file, the data, a folder of the user's: never written into or replaced (a resumed run
+    # writes only its own files: other files beside them may stay)
+    refuse_non_run(run.path, others_ok=bool(c.resume))
     resume_ckpt, resume_path = None, None
     if c.resume:
         resume_path = ckpt_io.latest(run.checkpoints) if c.resume == "latest" else Path(c.resume)
@@ -479,6 +496,9 @@ def _train_locked(c, data, device, ctx, echo, run, is_main) -> dict:
     elif run.holds_run() and not c.overwrite:
         raise UsageError(f"{run.path} already holds a run; pass --resume latest to continue it "
                          f"or --overwrite to replace it")
+    elif not holds_nothing(run.path) and run.path.is_symlink():
+        raise UsageError(f"{run.path} is a symbolic link: a new run does not replace it (--resume continues "
+                         f"the run it points to); remove the link or choose another --name")
     c = c.replace(num_classes=data.num_classes, feature_dim=data.feature_dim, data_size=data.train.num_samples)
     # the weight is allocated (or read) before OUT changes: a failure here leaves an old run as it was
     engine = (LocalEngine(data, device, c, resume_path) if ctx is None
@@ -488,13 +508,16 @@ def _train_locked(c, data, device, ctx, echo, run, is_main) -> dict:
     handler, replacement = None, None
     try:
         if is_main:
-            if not c.resume and run.path.exists():  # --overwrite: kept aside until the first checkpoint
+            # --overwrite, or a start that never reached a checkpoint: the old contents are
+            # kept aside until the new run's first checkpoint
+            if not c.resume and not holds_nothing(run.path):
                 replacement = Replacement(run.path)
                 replacement.begin()
             run.path.mkdir(parents=True, exist_ok=True)
             ckpt_io.clean_stale_temp(run.checkpoints)
-            handler = _attach_log_file(run.log)
+            # config.yaml first: from the first entry on, the directory reads as a run (not_a_run)
             write_text_atomic(run.config, yaml.safe_dump(c.to_dict(), sort_keys=False))
+            handler = _attach_log_file(run.log)
         if ctx is not None:
             ctx.barrier()
         return _train_loop(c, data, engine, run, resume_ckpt, echo,

@@ -1,0 +1,214 @@
+"""What xcent may write into, replace or resume: only its own runs and outputs, never a
+live run, and a resume that continues the same run on the same data. See
+docs/reliability.md ("A run directory is never lost or mixed")."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from xcent import cli
+from xcent.data import write_split
+from xcent.fileio import lock_path
+from xcent.rundir import RUN_CONFIG_KEYS, not_a_run, replaced_path
+
+TESTS = Path(__file__).resolve().parent
+SRC = str(TESTS.parent / "src")
+
+
+def run_cli(capsys, args):
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def small_data(root, n=60, dim=6, classes=5, seed=0):
+    rng = np.random.default_rng(seed)
+    for split, rows in (("train", n), ("val", n // 3)):
+        x = rng.standard_normal((rows, dim)).astype(np.float32)
+        write_split(Path(root) / split, x / np.linalg.norm(x, axis=1, keepdims=True), rng.integers(0, classes, rows))
+    return Path(root)
+
+
+def train_args(data, out, name, *extra):
+    return ["train", "--data-dir", str(data), "--out-dir", str(out), "--name", name, "--batch-size", "16",
+            "--lr", "0.5", *map(str, extra)]
+
+
+def snapshot(root):
+    """Every path under ``root`` (hidden ones included) with a file's bytes."""
+    root = Path(root)
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def epochs_of(run):
+    return [json.loads(line)["epoch"] for line in (Path(run) / f"eval_{Path(run).name}.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- what a run is
+
+
+def test_what_counts_as_a_run(tmp_path):
+    run = tmp_path / "r"
+    assert not_a_run(run) is None  # absent: a new run
+    run.mkdir()
+    assert not_a_run(run) is None  # empty
+    (run / ".config.tmp123.yaml").write_text("x")  # an interrupted atomic write of xcent's
+    assert not_a_run(run) is None
+    (run / "out.log").write_text("")
+    assert "no config.yaml" in not_a_run(run)
+    config = {k: 1 for k in RUN_CONFIG_KEYS}
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "data_size": None}))  # a hand-written --config
+    assert "did not write" in not_a_run(run)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "checkpoints").mkdir()
+    (run / "eval_other_name.jsonl").write_text("")  # a run renamed by hand is still a run
+    assert not_a_run(run) is None
+    (run / "curves.png").write_text("")
+    assert "'curves.png'" in not_a_run(run)
+    assert not_a_run(run, others_ok=True) is None  # what --resume accepts
+    (run / "curves.png").unlink()
+    (run / "checkpoints").rmdir()
+    (run / "checkpoints").write_text("")  # a file where xcent keeps a directory
+    assert "'checkpoints'" in not_a_run(run)
+    assert "is a file" in not_a_run(run / "out.log")
+
+
+# ----------------------------------------------------------------------------- section: nothing else is touched
+
+
+def user_folder(path):
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("mine")
+    (path / "sub").mkdir()
+    (path / "sub" / "more.txt").write_text("mine too")
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+@pytest.mark.parametrize("target", ["folder", "data", "file", "run_with_my_file"])
+def test_train_never_writes_into_or_replaces_what_is_not_a_run(tmp_path, capsys, command, target):
+    """The data directory, a folder or a file of the user's, or a run holding a file xcent did not
+    write: exit 2 with one line, with and without --overwrite, and nothing is touched (no
+    `.NAME.replaced`, no lock file left)."""
+    data = small_data(tmp_path / "data")
+    out, name = tmp_path / "out", "r"
+    if target == "folder":
+        user_folder(out / name)
+    elif target == "file":
+        out.mkdir()
+        (out / name).write_text("mine")
+    elif target == "data":
+        out, name = tmp_path, "data"
+    else:
+        assert cli.main(train_args(data, out, name, "--epochs", 1)) == 0
+        (out / name / "predictions.jsonl").write_text("mine")
+    before = snapshot(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        args = train_args(data, out, name, "--epochs", 1, *extra)
+        if command == "demo":
+            args[0] = "demo"
+        code, err = run_cli(capsys, args)
+        assert code == 2 and len(err) == 1, err
+        assert str(out / name) in err[0] and "not an xcent run" in err[0], err
+        assert snapshot(tmp_path) == before
+
+
+def test_a_file_set_aside_by_an_older_overwrite_is_reported_not_deleted(tmp_path, capsys):
+    """`.NAME.replaced` that is not a run (an older xcent renamed a user's file so): every later
+    command on NAME exits 2 naming it (no NotADirectoryError), and leaves it alone."""
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "out"
+    assert cli.main(train_args(data, out, "r", "--epochs", 1)) == 0
+    replaced_path(out / "r").write_text("the user's file")
+    before = snapshot(tmp_path)
+    for extra in (["--resume", "latest", "--epochs", 2], ["--overwrite"], []):
+        code, err = run_cli(capsys, train_args(data, out, "r", *extra))
+        assert code == 2 and len(err) == 1 and str(replaced_path(out / "r")) in err[0], err
+        assert snapshot(tmp_path) == before
+
+
+def test_a_run_and_an_empty_directory_may_be_used(tmp_path, capsys):
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "out"
+    (out / "r").mkdir(parents=True)  # empty: used as it is
+    assert cli.main(train_args(data, out, "r", "--epochs", 1)) == 0
+    code, err = run_cli(capsys, train_args(data, out, "r", "--epochs", 1))
+    assert code == 2 and "already holds a run" in err[0]
+    assert cli.main(train_args(data, out, "r", "--epochs", 2, "--overwrite")) == 0
+    assert epochs_of(out / "r") == [0, 1, 2] and not replaced_path(out / "r").exists()
+    (out / "r" / "curves.png").write_text("a figure of the user's")  # resume writes only its own files
+    assert cli.main(train_args(data, out, "r", "--epochs", 3, "--resume", "latest")) == 0
+    assert (out / "r" / "curves.png").read_text() == "a figure of the user's"
+
+
+def test_a_failed_start_leaves_no_out_dir_behind(tmp_path, capsys):
+    """The run's lock is taken before the data is read; a bad dataset still leaves nothing."""
+    data = small_data(tmp_path / "data")
+    code, err = run_cli(capsys, train_args(data, tmp_path / "a" / "b", "r", "--num-classes", 2))
+    assert code == 2 and "--num-classes 2" in err[0], err
+    assert not (tmp_path / "a").exists()
+
+
+# ----------------------------------------------------------------------------- a live run is never replaced
+
+
+def start_paused(where, args):
+    """``xcent train`` in a new process, stopped at ``where`` (tests/launch_paused.py)."""
+    proc = subprocess.Popen([sys.executable, str(TESTS / "launch_paused.py"), where, "--", *map(str, args[1:])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=SRC))
+    seen = []
+    for line in proc.stdout:  # what the run prints before it pauses
+        if line.strip() == "paused":
+            return proc
+        seen.append(line)
+    proc.kill()
+    raise AssertionError(f"the run did not pause: {''.join(seen)} {proc.communicate()}")
+
+
+def go_on(proc) -> int:
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    proc.communicate(timeout=120)
+    return proc.returncode
+
+
+@pytest.mark.parametrize("where", ["data", "epoch:1"])
+def test_overwrite_of_a_live_run_exits_2_naming_it(tmp_path, capsys, where):
+    """A run that is reading its data or training: `--overwrite` from another process exits 2
+    naming the holder, and the live run ends with all its epochs."""
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "out"
+    live = start_paused(where, train_args(data, out, "r", "--epochs", 2))
+    try:
+        before = snapshot(tmp_path)
+        code, err = run_cli(capsys, train_args(data, out, "r", "--epochs", 1, "--overwrite"))
+        assert code == 2 and len(err) == 1 and f"in use by process {live.pid}" in err[0], err
+        assert snapshot(tmp_path) == before
+    finally:
+        assert go_on(live) == 0
+    assert epochs_of(out / "r") == [0, 1, 2] and not replaced_path(out / "r").exists()
+    assert sorted(p.name for p in (out / "r" / "checkpoints").iterdir()) == ["best.pt", "epoch_1.pt", "epoch_2.pt"]
+
+
+def test_a_run_started_while_an_overwrite_reads_its_data_exits_2(tmp_path, capsys):
+    """The overwrite started first and is still reading its data; a run started on the same name
+    meanwhile exits 2 naming it (before, it trained to the end, exit 0, and was then deleted by the
+    overwrite, which also exited 0)."""
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "out"
+    assert cli.main(train_args(data, out, "r", "--epochs", 1)) == 0
+    first = start_paused("data", train_args(data, out, "r", "--epochs", 1, "--overwrite", "--seed", 3))
+    try:
+        code, err = run_cli(capsys, train_args(data, out, "r", "--epochs", 2, "--resume", "latest"))
+        assert code == 2 and len(err) == 1 and f"in use by process {first.pid}" in err[0], err
+    finally:
+        assert go_on(first) == 0
+    saved = yaml.safe_load((out / "r" / "config.yaml").read_text())
+    assert saved["seed"] == 3 and epochs_of(out / "r") == [0, 1]
+    assert not lock_path(out / "r").exists()
