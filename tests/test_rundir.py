@@ -62,7 +62,7 @@ def test_what_counts_as_a_run(tmp_path):
     assert not_a_run(run) is None
     (run / "out.log").write_text("")
     assert "no config.yaml" in not_a_run(run)
-    config = {k: 1 for k in RUN_CONFIG_KEYS}
+    config = dict.fromkeys(RUN_CONFIG_KEYS, 1)
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "data_size": None}))  # a hand-written --config
     assert "did not write" in not_a_run(run)
     (run / "config.yaml").write_text(yaml.safe_dump(config))
