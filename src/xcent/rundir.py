@@ -56,8 +56,6 @@ _RUN_LOG = re.compile(r"(?:eval|steps)_.+\.jsonl")
 #: keys of every ``config.yaml`` the trainer writes: the settings plus the shapes it resolved from
 #: the data (a hand-written ``--config`` rarely holds ``data_size``; a copy of a run's is one)
 RUN_CONFIG_KEYS = ("algorithm", "data_dir", "name", "num_classes", "feature_dim", "data_size")
-#: a config.yaml larger than this is not one xcent wrote (it is a few hundred bytes)
-_CONFIG_MAX_BYTES = 1 << 20
 
 
 def _is_run_entry(path: Path) -> bool:
@@ -74,15 +72,13 @@ def _is_run_entry(path: Path) -> bool:
 def written_config(path) -> dict | None:
     """The ``config.yaml`` at ``path`` if the trainer wrote it (a mapping with
     :data:`RUN_CONFIG_KEYS`, shapes as integers), else None (absent, unreadable, not
-    YAML, or a file of the user's)."""
-    import yaml
+    YAML, over the bounds of :mod:`xcent.yamlio`, or a file of the user's)."""
+    from .yamlio import read_yaml
 
     path = Path(path)
     try:
-        if not path.is_file() or path.stat().st_size > _CONFIG_MAX_BYTES:
-            return None
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        config = read_yaml(path) if path.is_file() else None
+    except (UsageError, OSError):
         return None
     if not isinstance(config, dict) or not all(k in config for k in RUN_CONFIG_KEYS):
         return None
