@@ -33,6 +33,20 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+def gamma(n: int, dtype: torch.dtype = torch.float32) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``, ``u`` the unit roundoff of ``dtype``
+    (2^-24 for float32, 2^-53 for float64): a sum or dot product of ``n`` terms
+    computed in *any* order (any GEMM kernel, blocking, FMA use or thread count) is
+    within ``gamma_n`` times the sum of its terms' magnitudes of the exact value
+    (*Accuracy and Stability of Numerical Algorithms*, 2nd ed., section 3.1), so two
+    orders of the same sum are within ``2 gamma_n`` of each other. The tolerances of
+    tests comparing float results of different summation orders are built from it,
+    never from what one machine gave."""
+    u = torch.finfo(dtype).eps / 2
+    assert n * u < 1
+    return n * u / (1 - n * u)
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -165,3 +165,39 @@ def test_ties_count_against_the_model_in_eval_and_training_evaluation(kind, tmp_
     assert cli.main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "data"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert (got["top1"], got["top5"], got["macro_top1"]) == (0.0, 0.0, 0.0)
+
+
+def test_rows_with_nan_features_are_wrong_in_eval_and_training_evaluation(tmp_path, capsys):
+    """A val row whose features hold NaN (let through by --no-check-features) has no
+    ranking: it is wrong at every k. NaN compares false, so it used to have rank 0 and
+    count as right, and --best-by val_acc followed an inflated number."""
+    from conftest import read_jsonl
+
+    from xcent.modelio import load
+
+    synthesize(tmp_path / "data", num_classes=30, feature_dim=8, num_samples=600, seed=2)
+    feats = np.load(tmp_path / "data" / "val" / "features.npy", mmap_mode="r+")
+    poisoned = [0, 5, 9]
+    feats[poisoned, 3] = np.nan
+    feats.flush()
+    del feats
+    data = load_dataset(tmp_path / "data", check_features=False)
+    val = data.splits["val"]
+    n = val.num_samples
+    clean = torch.tensor([i for i in range(n) if i not in poisoned])
+    weight = torch.zeros(30, 8).index_add_(0, data.train.labels, torch.from_numpy(np.array(data.train.features)))
+    m, m_clean = evaluate(val, weight, chunk_rows=4), evaluate(val, weight, rows=clean)
+    assert m_clean["top1"] > 0.2  # many clean rows are right (chance: 1 in 30)
+    for k in ("top1", "top5"):  # the poisoned rows add rows, never hits
+        assert round(m[k] * n) == round(m_clean[k] * (n - len(poisoned)))
+    assert math.isnan(m["loss"])
+    stats = per_class_stats(val, weight)
+    assert int(stats["correct5"].sum()) == round(m_clean["top5"] * (n - len(poisoned)))
+    # the trainer's val figures: the same rule
+    assert cli.main(["train", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+                     "--name", "nan", "--epochs", "1", "--batch-size", "64", "--lr", "1.0", "--init", "random",
+                     "--no-check-features"]) == 0
+    record = read_jsonl(tmp_path / "out" / "nan" / "eval_nan.jsonl")[-1]
+    trained = load(tmp_path / "out" / "nan" / "checkpoints" / "epoch_1.pt", resume=False)["weight"]
+    want = evaluate(val, trained, rows=clean)
+    assert round(record["val_acc"] * n) == round(want["top1"] * (n - len(poisoned)))

@@ -301,7 +301,7 @@ def _worker(rank, world, init_file, out_dir):
     results = {}
     for name, mom in (("scent", 0.0), ("sox", 0.9)):
         head = SparseSoftmaxHead(45, 6, 40, algorithm=name, lr=0.7, epochs=2, momentum=mom, weight_decay=0.01,
-                                 process_group=dist.group.WORLD, init_seed=3)
+                                 process_group=dist.group.WORLD, init_seed=3, dtype=torch.float64)
         head.set_epoch(1)
         losses, grads = [], []
         for step, (x, y, idx) in enumerate(_batches()):
@@ -323,16 +323,24 @@ def _worker(rank, world, init_file, out_dir):
 
 def _batches():
     gen = torch.Generator().manual_seed(7)
-    return [(torch.randn(12, 6, generator=gen) * 5, torch.randint(0, 45, (12,), generator=gen),
+    return [(torch.randn(12, 6, generator=gen, dtype=torch.float64) * 5, torch.randint(0, 45, (12,), generator=gen),
              torch.randperm(40, generator=gen)[:12]) for _ in range(4)]
 
 
 def test_two_gloo_processes_equal_one(tmp_path):
+    """The sharded head computes what one process computes. In float64, so that what is
+    compared is the arithmetic and not the rounding: the two process counts sum in other
+    orders (GEMMs of other shapes), which moves each float64 result by at most
+    2 gamma_n (n <= 60 terms per sum: gamma_n = n 2^-53 ~ 7e-15) relative to the sum of
+    its terms' magnitudes per operation; 4 steps, even amplified a thousandfold by the
+    exponentials of the loss, stay below 1e-10, while a real fault (a row of the wrong
+    shard, a step lost or applied twice) moves the weights by lr * gradient ~ 1e-2.
+    In float32 the same bound is ~1e-4 and a fixed 1e-5 failed on some CPUs."""
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name, mom in (("scent", 0.0), ("sox", 0.9)):
         head = SparseSoftmaxHead(45, 6, 40, algorithm=name, lr=0.7, epochs=2, momentum=mom, weight_decay=0.01,
-                                 init_seed=3)
+                                 init_seed=3, dtype=torch.float64)
         head.set_epoch(1)
         for step, (x, y, idx) in enumerate(_batches()):
             if step == 2:
@@ -342,20 +350,20 @@ def test_two_gloo_processes_equal_one(tmp_path):
             loss.backward()
             split = 7 if step == 1 else 6
             for r, part in enumerate((slice(0, split), slice(split, 12))):
-                assert ranks[r][name]["losses"][step] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
-                torch.testing.assert_close(ranks[r][name]["grads"][step], xg.grad[part], rtol=1e-5, atol=1e-7)
+                assert ranks[r][name]["losses"][step] == pytest.approx(loss.item(), rel=1e-10, abs=1e-12)
+                torch.testing.assert_close(ranks[r][name]["grads"][step], xg.grad[part], rtol=1e-10, atol=1e-12)
         head.flush()
         assert ranks[1][name]["lo"] == 23
         torch.testing.assert_close(torch.cat([ranks[0][name]["weight"], ranks[1][name]["weight"]]), head.weight,
-                                   rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(ranks[0][name]["nu"], head.loss_fn.nu, equal_nan=True)
+                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ranks[0][name]["nu"], head.loss_fn.nu, rtol=1e-10, atol=1e-12, equal_nan=True)
         x0 = _batches()[0][0]
         for r in range(2):
             top = head.topk(x0[r * 6:(r + 1) * 6], 4)
             assert torch.equal(ranks[r][name]["topk"].ids, top.ids)
             rows = _batches()[1][0][r * 5:(r + 1) * 5 + r]  # 5 and 6 rows: unequal batches
-            torch.testing.assert_close(ranks[r][name]["logits"], head.logits(rows), rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(ranks[r][name]["topk"].probs, top.probs, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(ranks[r][name]["logits"], head.logits(rows), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(ranks[r][name]["topk"].probs, top.probs, rtol=1e-10, atol=1e-12)
 
 
 def test_train_step_with_lazy_sgd_equals_dense_sgd():

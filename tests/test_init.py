@@ -111,6 +111,32 @@ def test_grid_stats_chunking_and_dense_equal(tmp_path):
     assert rank.tolist() == (other >= 0).sum(axis=1).tolist()
 
 
+@pytest.mark.parametrize("class_chunk, row_chunk", [(7, 256), (16, 5), (1024, 3)])
+def test_grid_stats_count_exact_ties_against_the_model(class_chunk, row_chunk):
+    """Equal class directions tie exactly with the true class: every other class counts,
+    whichever GEMM kernel (chunk width) scored it, as in the evaluation (the rank used
+    to depend on the chunk: the target came from a GEMM of another shape)."""
+    gen = torch.Generator().manual_seed(3)
+    direction = torch.nn.functional.normalize(torch.rand(1, 512, generator=gen) + 0.5, dim=1)
+    dirs = direction.expand(40, 512).contiguous()
+    x, y = torch.rand(30, 512, generator=gen) + 0.5, torch.randint(0, 40, (30,), generator=gen)
+    _, rank = scale_grid_stats(x, y, dirs, torch.tensor([1.0], dtype=torch.float64), row_chunk=row_chunk,
+                               class_chunk=class_chunk)
+    assert torch.equal(rank, torch.full_like(rank, 39))
+
+
+def test_grid_stats_rows_with_nan_are_wrong():
+    """A held-out row whose logits are NaN has rank C (wrong at every k), not rank 0."""
+    gen = torch.Generator().manual_seed(4)
+    dirs = torch.nn.functional.normalize(torch.randn(20, 6, generator=gen), dim=1)
+    x, y = torch.randn(9, 6, generator=gen), torch.randint(0, 20, (9,), generator=gen)
+    _, clean = scale_grid_stats(x, y, dirs, torch.tensor([1.0], dtype=torch.float64), class_chunk=7)
+    x[4, 2] = float("nan")
+    _, rank = scale_grid_stats(x, y, dirs, torch.tensor([1.0], dtype=torch.float64), class_chunk=7)
+    assert int(rank[4]) == 20
+    assert torch.equal(rank[torch.arange(9) != 4], clean[torch.arange(9) != 4])
+
+
 def test_probe_rows_are_capped():
     # a stride over the subset keeps at most 20% of the rows and MAX_PROBE_ROWS (4,096)
     rows = probe_rows(1_000_000, torch.arange(0, 1_000_000, 50))  # 20,000 rows (the --train-eval-size default)

@@ -17,6 +17,10 @@
   prediction and log-probabilities (:class:`xcent.Classifier`), and the
   class-sharded evaluation (each rank scans its classes). Cache-sized
   (rows x classes) blocks with an online logsumexp; never an N x C matrix.
+* The rank rule, in one place: :func:`tie_threshold` (what "at least as high as the
+  true class" means in float arithmetic, whatever GEMM kernel computed the scores),
+  :func:`count_at_least` (the count) and :func:`rank_or_wrong` (a row whose scores
+  are not all finite is wrong at every k).
 """
 
 from __future__ import annotations
@@ -34,16 +38,21 @@ __all__ = [
     "PRECISIONS",
     "ClassScan",
     "InBatch",
+    "count_at_least",
     "full_softmax_stats",
     "in_batch_logits",
     "init_weight",
     "matmul_nt",
+    "max_row_norm",
+    "rank_or_wrong",
     "relative_logits",
     "relative_logits_",
     "row_gradient_weights_",
     "scan_classes",
+    "score_error_bound",
     "sparse_sgd_step",
     "target_logits",
+    "tie_threshold",
 ]
 
 
@@ -225,12 +234,135 @@ def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + size, total)
 
 
+# --------------------------------------------------------------------------- the rank rule
+
+#: unit roundoff of the operands a float32 GEMM really multiplies, per
+#: ``torch.get_float32_matmul_precision()``: "highest" is float32 itself, "high" lets
+#: the GEMM round its operands to TF32 (10 stored bits), "medium" to bfloat16 (7)
+_FP32_OPERAND_UNIT = {"highest": 0.0, "high": 2.0 ** -11, "medium": 2.0 ** -8}
+#: unit roundoff of bfloat16 (8 significant bits)
+_BF16_UNIT = 2.0 ** -8
+
+
+def score_error_bound(feature_dim: int, dtype: torch.dtype = torch.float32, precision: str = "fp32",
+                      device: torch.device | str = "cpu") -> float:
+    """``eta`` such that every score the GEMM of :func:`matmul_nt` returns satisfies
+
+        ``|fl(w . x) - w~ . x~| <= eta * ||x||_2 * ||w||_2``
+
+    whatever kernel, blocking, summation order, FMA use or thread count computed it,
+    ``x~``, ``w~`` being the operands the GEMM multiplies: ``x`` and ``w`` themselves,
+    or their bfloat16 roundings (``bf16``; TF32/bfloat16 under
+    ``torch.set_float32_matmul_precision("high"/"medium")``), which are the same for
+    equal rows, so an exact tie stays one.
+
+    Derivation (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.,
+    section 3.1): a dot product of length D summed in *any* order, with or without
+    fused multiply-adds, has ``|fl(x . w) - x . w| <= gamma_D * sum_k |x_k w_k|``,
+    ``gamma_D = D u / (1 - D u)``, ``u`` the unit roundoff of the accumulation
+    (2^-24 in float32, 2^-53 in float64); by Cauchy-Schwarz ``sum_k |x_k w_k| <=
+    ||x|| ||w||``. A result rounded to bfloat16 (``bf16`` without a float32-output
+    GEMM: the CPU) adds ``u_out = 2^-8`` of it, and the rounded operands' norms exceed
+    the given ones by at most ``(1 + u_in)^2``: ``eta = ((1 + gamma_D)(1 + u_out) - 1)
+    (1 + u_in)^2``. No bound exists once ``D u >= 1`` (``inf``).
+
+    This is the worst case. Two kernels usually differ by far less (a few ``u``
+    measured, at D = 4096), but a kernel that adds many same-signed terms (nonnegative
+    features, nonnegative class means) into one accumulator drifts by a fair fraction
+    of ``D u`` where a kernel that splits the sum across vector lanes does not; only
+    the worst case holds on every CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    unit = torch.finfo(dtype).eps / 2
+    if precision == "bf16":
+        u_in = _BF16_UNIT
+        u_out = 0.0 if _MM_OUT_DTYPE and torch.device(device).type == "cuda" else _BF16_UNIT
+    else:
+        u_in = _FP32_OPERAND_UNIT.get(torch.get_float32_matmul_precision(), _BF16_UNIT) \
+            if dtype == torch.float32 else 0.0
+        u_out = 0.0
+    if feature_dim * unit >= 1:
+        return float("inf")
+    gamma = feature_dim * unit / (1 - feature_dim * unit)
+    return ((1 + gamma) * (1 + u_out) - 1) * (1 + u_in) ** 2
+
+
+def max_row_norm(weight: Tensor) -> Tensor:
+    """``max_c ||w_c||_2`` of a (C, D) weight, a (1,) float64 tensor on its device
+    (float64: the norm itself adds no rounding worth counting; a tensor: no host read,
+    and a class shard all-reduces it with ``MAX``). 0 for an empty weight."""
+    if weight.shape[0] == 0:
+        return torch.zeros(1, dtype=torch.float64, device=weight.device)
+    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float64).amax().reshape(1)
+
+
+def tie_threshold(x: Tensor, target: Tensor, weight_norm: Tensor, precision: str = "fp32") -> Tensor:
+    """Per row, the score a class must reach to count as scoring *at least as high as
+    the true class*: the largest value of ``x``'s dtype that is ``<= target_i - tau_i``,
+
+        ``tau_i = 2 * eta * ||x_i||_2 * max_c ||w_c||_2``     (``eta``: :func:`score_error_bound`),
+
+    ``weight_norm`` being ``max_c ||w_c||`` over *all* C classes (:func:`max_row_norm`;
+    a class shard passes the maximum over the shards, so that every process count
+    draws the same line).
+
+    Why. The target ``t_i = w_{y_i} . x_i`` and a score ``s_ic = w_c . x_i`` are two
+    float dot products; each is within ``eta ||x_i|| max_c ||w_c||`` of its exact
+    value, so the computed difference ``s_ic - t_i`` is within ``tau_i`` of the exact
+    one. Comparing ``s_ic >= t_i - tau_i`` therefore guarantees, on any CPU or GPU, at
+    any thread count and for any class chunk width (each of which may pick another
+    GEMM kernel, and so another summation order):
+
+    * a class whose exact score is at least the target's (an exact tie: identical
+      rows, an all-zero weight) is always counted: ties count against the model;
+    * a class whose exact score is more than ``2 tau_i`` below the target's is never
+      counted.
+
+    Between the two, float32 cannot tell which is higher in the worst case; the rule
+    counts such a near tie against the model when the computed scores say so. The
+    exact-score statements are about the operands the GEMM multiplies (with ``bf16``,
+    the bfloat16-rounded ones). A NaN target (or NaN ``x``) gives a NaN threshold,
+    which :func:`count_at_least` counts every class against."""
+    tau = (2 * score_error_bound(x.shape[1], x.dtype, precision, x.device)) \
+        * torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) * weight_norm.to(x.device)
+    exact = target.to(torch.float64) - tau
+    threshold = exact.to(x.dtype)
+    # rounding to x's dtype may land above t - tau: step down one ulp there, so that
+    # comparing a score of that dtype with it is comparing with t - tau exactly
+    above = threshold.to(torch.float64) > exact
+    return torch.where(above, torch.nextafter(threshold, torch.full_like(threshold, float("-inf"))), threshold)
+
+
+def count_at_least(scores: Tensor, threshold: Tensor, out: Tensor | None = None) -> Tensor:
+    """``#{c : not (scores[i, c] < threshold[i])}`` per row, int64 (n,): the classes of
+    a (n, m) score block that count as at least as high as the true class
+    (``threshold`` from :func:`tie_threshold`). Written as *not below* so that a NaN
+    score, or a NaN threshold, counts against the model: NaN never ranks a true class
+    first. ``out``: a float (n, m) buffer for the flags (0/1 floats are faster to write
+    and sum than a bool mask; counts up to 2^24 are exact in float32)."""
+    below = torch.lt(scores, threshold[:, None], out=out)
+    return scores.shape[1] - below.sum(dim=1).long()
+
+
+def rank_or_wrong(rank: Tensor, num_classes: int | Tensor, *stats: Tensor) -> Tensor:
+    """``rank`` (n,) where every one of ``stats`` (each (n,) or (G, n): the row's
+    log-normaliser, its target score) is finite, else ``num_classes``: a row whose
+    scores hold a NaN or an overflow has no ranking, and a rank of C is wrong at every
+    k (``rank < k`` fails for every k <= C). The last step of every accuracy kernel."""
+    ok = torch.ones_like(rank, dtype=torch.bool)
+    for stat in stats:
+        ok &= torch.isfinite(stat).reshape(-1, rank.shape[0]).all(dim=0)
+    return torch.where(ok, rank, torch.as_tensor(num_classes, dtype=rank.dtype, device=rank.device))
+
+
 class ClassScan(NamedTuple):
     """What :func:`scan_classes` returns; the fields not asked for are None.
 
-    ``lse`` (n,) ``log sum_c exp(s_ic)`` over the weight's classes; ``rank`` (n,)
-    int64 ``#{c != y_i : s_ic >= target_i}``; ``top_scores`` / ``top_ids`` (n, k)
-    the k largest scores, best first, and their class ids (plus ``class_offset``)."""
+    ``lse`` (n,) ``log sum_c exp(s_ic)`` over the weight's classes (not finite when a
+    score of the row is NaN or infinite: a caller refuses or counts that row, see
+    :func:`rank_or_wrong`); ``rank`` (n,) int64 ``#{c != y_i : s_ic >= threshold_i}``
+    (:func:`tie_threshold`); ``top_scores`` / ``top_ids`` (n, k) the k largest
+    scores, best first, and their class ids (plus ``class_offset``)."""
 
     lse: Tensor
     rank: Tensor | None
@@ -240,8 +372,9 @@ class ClassScan(NamedTuple):
 
 @torch.no_grad()
 def scan_classes(x: Tensor, weight: Tensor, *, target: Tensor | None = None, labels: Tensor | None = None,
-                 k: int = 0, scores_out: Tensor | None = None, class_chunk: int = 32768,
-                 row_chunk: int | None = None, class_offset: int = 0, precision: str = "fp32") -> ClassScan:
+                 weight_norm: Tensor | None = None, k: int = 0, scores_out: Tensor | None = None,
+                 class_chunk: int = 32768, row_chunk: int | None = None, class_offset: int = 0,
+                 precision: str = "fp32") -> ClassScan:
     """THE class-chunk kernel: every full-softmax quantity over all C classes
     (evaluation, ``xcent eval``, the class-sharded evaluation, top-k prediction,
     log-probabilities) is one walk over the classes of ``weight`` in chunks.
@@ -256,17 +389,21 @@ def scan_classes(x: Tensor, weight: Tensor, *, target: Tensor | None = None, lab
     Consumers, each run on the block before the logsumexp overwrites it:
 
     * ``target`` (n,): the rank of the true class, counted as the number of *other*
-      classes scoring at least as high: ``rank_i = #{c != y_i : s_ic >= target_i}``.
-      Ties count against the model: with an all-zero weight every row has rank
-      C - 1. ``labels`` (n,) are the true classes as rows of this ``weight``
-      (``y - class_offset``); a row whose label is outside ``[0, C)`` (another
-      rank's class) has no own class here to leave out. The own class is discounted
-      from the count rather than masked (no write into the block). ``target`` must
-      come from :func:`target_logits`, the same GEMM arithmetic as the block, so
-      that an exact tie is seen as one.
+      classes scoring at least as high: ``rank_i = #{c != y_i : s_ic >= threshold_i}``
+      with ``threshold_i`` = ``target_i`` less the float rounding bound of the two
+      dot products (:func:`tie_threshold`; :func:`count_at_least` counts), so that
+      an exact tie counts against the model whichever GEMM kernel scored each class
+      chunk: with an all-zero weight every row has rank C - 1. ``weight_norm``:
+      ``max_c ||w_c||`` over all classes (:func:`max_row_norm`; default: of this
+      ``weight``, which a class shard must not use alone). ``labels`` (n,) are the
+      true classes as rows of this ``weight`` (``y - class_offset``); a row whose
+      label is outside ``[0, C)`` (another rank's class) has no own class here to
+      leave out. The own class is discounted from the count rather than masked (no
+      write into the block). ``target`` comes from :func:`target_logits`.
     * ``k`` > 0: a running top-k; a chunk's own top-k is all that can enter the
       global top-k, so merging 2k candidates keeps the state (n, k) however large C
-      is. Ties among the k are broken by ``torch.topk`` (arbitrarily).
+      is. Ties among the k are broken by ``torch.topk`` (arbitrarily); a NaN score
+      sorts first there, and the row's ``lse`` is NaN, which callers check.
     * ``scores_out`` (n, C): the raw scores are copied into it (log-probabilities:
       the caller subtracts ``lse``).
 
@@ -279,12 +416,15 @@ def scan_classes(x: Tensor, weight: Tensor, *, target: Tensor | None = None, lab
     want_rank, k = target is not None, min(int(k), num_classes)
     if want_rank and labels is None:
         raise ValueError("scan_classes: target needs labels (the own class is left out of the rank)")
+    if want_rank:
+        threshold = tie_threshold(x, target, max_row_norm(weight) if weight_norm is None else weight_norm,
+                                  precision)
     if x.device.type == "cpu":
         row_chunk = min(row_chunk or CPU_BLOCK[0], CPU_BLOCK[0])
         class_chunk = min(class_chunk, CPU_BLOCK[1])
     row_chunk = max(1, min(row_chunk or n, n))
-    # comparison flags are counted as 0.0/1.0 floats: much faster to write and sum than
-    # a bool mask; per-block counts (<= class_chunk < 2^24) are exact in float32
+    # comparison flags are counted as 0.0/1.0 floats (count_at_least); per-block
+    # counts (<= class_chunk < 2^24) are exact in float32
     class_chunk = max(1, min(class_chunk, num_classes, 1 << 23))
     dev, dt = x.device, x.dtype
     lse = torch.empty(n, dtype=dt, device=dev)
@@ -299,7 +439,7 @@ def scan_classes(x: Tensor, weight: Tensor, *, target: Tensor | None = None, lab
     for r0, r1 in _chunks(n, row_chunk):
         xr, rows = x[r0:r1], r1 - r0
         if want_rank:
-            yr, tr = labels[r0:r1], target[r0:r1, None]
+            yr, tr = labels[r0:r1], threshold[r0:r1]
         run_max = torch.full((rows,), float("-inf"), dtype=dt, device=dev)
         run_sum = torch.zeros(rows, dtype=dt, device=dev)
         best = torch.empty(rows, 0, dtype=dt, device=dev)
@@ -308,10 +448,10 @@ def scan_classes(x: Tensor, weight: Tensor, *, target: Tensor | None = None, lab
             scores = block[:rows, :c1 - c0]
             matmul_nt(xr, weight[c0:c1], precision, out=scores)
             if want_rank:
-                at_least = torch.ge(scores, tr, out=flags[:rows, :c1 - c0]).sum(dim=1).long()
+                at_least = count_at_least(scores, tr, out=flags[:rows, :c1 - c0])
                 inside = (yr >= c0) & (yr < c1)
                 own = scores.gather(1, (yr - c0).clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
-                rank[r0:r1] += at_least - (inside & (own >= tr.squeeze(1))).long()
+                rank[r0:r1] += at_least - (inside & ~(own < tr)).long()
             if scores_out is not None:
                 scores_out[r0:r1, c0:c1] = scores
             if k:
@@ -341,18 +481,19 @@ def full_softmax_stats(features: Tensor, labels: Tensor, weight: Tensor, class_c
     Returns ``(lse, target, rank)``, each (n,): ``lse_i = logsumexp_c w_c . x_i``,
     ``target_i = w_{y_i} . x_i`` (0 where the label is not among this weight's
     classes, i.e. outside ``[class_offset, class_offset + C)``), and
-    ``rank_i = #{c != y_i : w_c . x_i >= target_i}``. CE = lse - target; top-k
-    correct iff rank < k, i.e. fewer than k other classes score at least as high
-    as the true class (ties count against the model). Memory: one
-    (row_chunk, class_chunk) block of scores at a time. ``precision``: of the score
-    GEMMs (:func:`matmul_nt`).
+    ``rank_i = #{c != y_i : w_c . x_i >= target_i}`` in the sense of
+    :func:`tie_threshold` (an exact tie counts against the model, on any machine),
+    or C for a row whose scores are not all finite (:func:`rank_or_wrong`). CE =
+    lse - target; top-k correct iff rank < k, i.e. fewer than k other classes score
+    at least as high as the true class. Memory: one (row_chunk, class_chunk) block of
+    scores at a time. ``precision``: of the score GEMMs (:func:`matmul_nt`).
     """
     x = features.to(device=weight.device, dtype=weight.dtype)
     y = labels.to(device=weight.device, dtype=torch.long) - class_offset
     target = target_logits(x, y, weight, precision)
     scan = scan_classes(x, weight, target=target, labels=y, class_chunk=class_chunk, row_chunk=row_chunk,
                         precision=precision)
-    return scan.lse, target, scan.rank
+    return scan.lse, target, rank_or_wrong(scan.rank, weight.shape[0], scan.lse, target)
 
 
 def target_logits(x: Tensor, y: Tensor, weight: Tensor, precision: str = "fp32") -> Tensor:
@@ -360,11 +501,11 @@ def target_logits(x: Tensor, y: Tensor, weight: Tensor, precision: str = "fp32")
     ``weight``, 0 for the others (a class shard sums these over ranks).
 
     Computed as the diagonal of small GEMMs ``X_b W[y_b]^T`` (blocks of
-    :data:`CPU_BLOCK` rows, so the extra work is ``rows / C`` of the evaluation's)
-    rather than as an elementwise product and sum: the scores of
-    :func:`scan_classes` come from a GEMM, and a sum in another order can differ in
-    the last bit, which would turn an exact tie (identical class rows, an all-zero
-    weight) into a win or a loss at random."""
+    :data:`CPU_BLOCK` rows, so the extra work is ``rows / C`` of the evaluation's),
+    in the arithmetic of the scores of :func:`scan_classes` (:func:`matmul_nt`).
+    These GEMMs have other shapes than the class chunks, so the kernel, and the
+    last bits, may differ from a class's score: the comparison absorbs that
+    (:func:`tie_threshold`)."""
     owned = (y >= 0) & (y < weight.shape[0])
     target = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     if owned.any():

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .classifier import scan_classes, target_logits
+from .classifier import max_row_norm, rank_or_wrong, scan_classes, target_logits
 from .errors import UsageError
 from .evaluate import summarize
 
@@ -146,8 +146,10 @@ def all_gather_rows(mine: Tensor, sizes: list[int], group=None) -> Tensor:
 def sharded_stats(features: Tensor, labels: Tensor, shard: Tensor, lo: int, ctx: DistContext | None,
                   class_chunk: int = 32768, precision: str = "fp32", group=None) -> tuple[Tensor, Tensor, Tensor]:
     """Full-softmax ``(lse, target, rank)`` over all C classes, the classes sharded:
-    every rank passes the same rows and gets the same result. ``precision``: of the
-    score GEMMs (:func:`xcent.classifier.matmul_nt`). The collectives run over
+    every rank passes the same rows and gets the same result, that of
+    :func:`xcent.classifier.full_softmax_stats` on the whole weight (the same tie
+    threshold: the largest row norm is the maximum over the shards). ``precision``:
+    of the score GEMMs (:func:`xcent.classifier.matmul_nt`). The collectives run over
     ``group`` when given (``ctx`` may then be None; the library head's own group),
     else over the default group of ``ctx``."""
     world_size = ctx.world_size if group is None else dist.get_world_size(group)
@@ -155,12 +157,17 @@ def sharded_stats(features: Tensor, labels: Tensor, shard: Tensor, lo: int, ctx:
     y_local = labels.to(shard.device, torch.long) - lo
     target = target_logits(x, y_local, shard, precision)
     dist.all_reduce(target, group=group)
-    scan = scan_classes(x, shard, target=target, labels=y_local, class_chunk=class_chunk, precision=precision)
-    lse_local, rank = scan.lse, scan.rank
-    pieces = [torch.empty_like(lse_local) for _ in range(world_size)]
-    dist.all_gather(pieces, lse_local, group=group)
-    dist.all_reduce(rank, group=group)
-    return torch.logsumexp(torch.stack(pieces), dim=0), target, rank
+    weight_norm = max_row_norm(shard)
+    dist.all_reduce(weight_norm, op=dist.ReduceOp.MAX, group=group)
+    scan = scan_classes(x, shard, target=target, labels=y_local, weight_norm=weight_norm, class_chunk=class_chunk,
+                        precision=precision)
+    pieces = [torch.empty_like(scan.lse) for _ in range(world_size)]
+    dist.all_gather(pieces, scan.lse, group=group)
+    # the shard's class count rides along with the counts: C for rank_or_wrong
+    counts = torch.cat([scan.rank, torch.tensor([shard.shape[0]], dtype=scan.rank.dtype, device=scan.rank.device)])
+    dist.all_reduce(counts, group=group)
+    lse = torch.logsumexp(torch.stack(pieces), dim=0)
+    return lse, target, rank_or_wrong(counts[:-1], counts[-1], lse, target)
 
 
 @torch.no_grad()

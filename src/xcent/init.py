@@ -141,7 +141,9 @@ def scale_grid_stats(x: Tensor, y: Tensor, directions: Tensor, scales: Tensor, l
 
     (G, n) float64, from which the CE of row i is ``log1p(exp(log_other))`` and the
     dual statistic ``log_other - log(C - 1)`` (:func:`search_scale`), and ``rank[i] =
-    #{j != y_i : z_ij >= z_iy}`` (n,), which no positive scale changes (top-k).
+    #{j != y_i : z_ij >= z_iy}`` (n,), which no positive scale changes (top-k), with
+    the evaluation's rule for ties and for rows whose logits are not finite
+    (:func:`xcent.classifier.tie_threshold`, :func:`xcent.classifier.rank_or_wrong`).
 
     The logits of ``s W`` are ``s`` times those of ``W``, so each (``row_chunk`` x
     ``class_chunk``) logit block is one GEMM in ``directions``' dtype whatever the
@@ -150,14 +152,20 @@ def scale_grid_stats(x: Tensor, y: Tensor, directions: Tensor, scales: Tensor, l
     in cache-sized in-place passes. ``directions``: the classes ``[lo, lo + C_r)``;
     with ``group``, the ranks' maxima and sums are combined (all-gathered, float64),
     so every rank returns the same statistics."""
-    from .classifier import target_logits
+    from .classifier import count_at_least, max_row_norm, rank_or_wrong, target_logits, tie_threshold
 
     scales = scales.to(device=directions.device, dtype=torch.float64)
     n, num_local = x.shape[0], directions.shape[0]
     x = x.to(device=directions.device, dtype=directions.dtype)
     y_local = y.to(device=directions.device, dtype=torch.long) - lo
     log_other = torch.empty(scales.numel(), n, dtype=torch.float64, device=directions.device)
-    rank = torch.zeros(n, dtype=torch.long, device=directions.device)
+    # the counts, then this rank's class count (summed over the ranks: C for rank_or_wrong)
+    counts = torch.zeros(n + 1, dtype=torch.long, device=directions.device)
+    counts[n] = num_local
+    rank = counts[:n]
+    weight_norm = max_row_norm(directions)
+    if group is not None:
+        torch.distributed.all_reduce(weight_norm, op=torch.distributed.ReduceOp.MAX, group=group)
     col = scales[:, None]
     for a in range(0, n, row_chunk):
         b = min(a + row_chunk, n)
@@ -165,13 +173,14 @@ def scale_grid_stats(x: Tensor, y: Tensor, directions: Tensor, scales: Tensor, l
         target = target_logits(xr, yr, directions)
         if group is not None:
             torch.distributed.all_reduce(target, group=group)
+        threshold = tie_threshold(xr, target, weight_norm)
         peak = torch.full((b - a,), -math.inf, dtype=torch.float64, device=x.device)
         sums = torch.zeros(scales.numel(), b - a, dtype=torch.float64, device=x.device)
         for c0 in range(0, num_local, class_chunk):
             z = xr @ directions[c0:c0 + class_chunk].T
             mine = (yr >= c0) & (yr < c0 + z.shape[1])
             z[mine.nonzero().squeeze(1), yr[mine] - c0] = -math.inf  # the target is not an 'other' class
-            rank[a:b] += (z >= target[:, None]).sum(1)
+            rank[a:b] += count_at_least(z, threshold)
             z = z.to(torch.float64)
             new_peak = torch.maximum(peak, z.max(1).values)
             finite = torch.isfinite(new_peak)
@@ -197,8 +206,8 @@ def scale_grid_stats(x: Tensor, y: Tensor, directions: Tensor, scales: Tensor, l
                 sums += part * torch.exp(col * shift[None])
         log_other[:, a:b] = col * (peak - target.to(torch.float64))[None] + torch.log(sums)
     if group is not None:
-        torch.distributed.all_reduce(rank, group=group)
-    return log_other, rank
+        torch.distributed.all_reduce(counts, group=group)
+    return log_other, rank_or_wrong(rank, counts[n], log_other)
 
 
 #: pass 1 of the scale search: this many log-spaced scales over the whole bracket
