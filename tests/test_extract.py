@@ -378,6 +378,24 @@ def test_bad_metadata_is_usage_error(tree, tmp_path, capsys, problem):
     assert not out_dir.exists()
 
 
+@pytest.mark.parametrize("content", ["notes", "arrays_of_mine"])
+def test_out_dir_of_the_users_is_never_written_into(glint, tmp_path, capsys, content):
+    """A folder that is not an extraction output: its own notes, or arrays of the store's names and
+    shapes that xcent extract did not write (no extract.json), which it used to resume into."""
+    out_dir = tmp_path / "mine"
+    out_dir.mkdir()
+    if content == "notes":
+        (out_dir / "notes.txt").write_text("mine")
+    else:
+        np.save(out_dir / "features.npy", np.ones((GLINT_SIZE, FEATURE_DIM), dtype=np.float32))
+        np.save(out_dir / "labels.npy", np.zeros(GLINT_SIZE, dtype=np.int64))
+    before = file_digest(out_dir)
+    assert xcent_main(["extract", *glint_args(glint, out_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out-dir: {out_dir} holds" in err[0], err
+    assert file_digest(out_dir) == before
+
+
 def test_resume_with_other_settings_refused(glint, glint_out, capsys):
     before = file_digest(glint_out)
     args = glint_args(glint, glint_out, "--dtype", "float16")

@@ -178,7 +178,8 @@ def test_export_round_trips_bit_for_bit(run, tmp_path, capsys):
 
 def test_bad_inputs_exit_2_with_one_line_and_keep_outputs(run, tmp_path, capsys):
     out = tmp_path / "keep.jsonl"
-    out.write_text("previous results\n")
+    previous = '{"row": 0, "ids": [3], "probs": [1.0]}\n'  # an earlier run's output: replaceable
+    out.write_text(previous)
     ckpt, base = str(run["ckpt"]), ["--out", str(out)]
     wrong_dim = tmp_path / "wrong.npy"
     np.save(wrong_dim, np.zeros((4, D + 1), dtype=np.float32))
@@ -213,7 +214,7 @@ def test_bad_inputs_exit_2_with_one_line_and_keep_outputs(run, tmp_path, capsys)
     short.write_text("a\nb\n")
     assert "--label-names" in fail(["predict", "--checkpoint", ckpt, "--features", feats, "--label-names",
                                     str(short), *base], capsys)
-    assert out.read_text() == "previous results\n"
+    assert out.read_text() == previous
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left
     assert not (tmp_path / "x.safetensors").exists()
 

@@ -4,6 +4,7 @@ docs/reliability.md ("A run directory is never lost or mixed")."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,117 @@ def test_a_run_started_while_an_overwrite_reads_its_data_exits_2(tmp_path, capsy
     saved = yaml.safe_load((out / "r" / "config.yaml").read_text())
     assert saved["seed"] == 3 and epochs_of(out / "r") == [0, 1]
     assert not lock_path(out / "r").exists()
+
+
+# ----------------------------------------------------------------------------- the other commands' outputs
+
+HOLD = """
+import sys, time
+from xcent.fileio import exclusive_lock
+with exclusive_lock(sys.argv[1], "run"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def compare_args(data, out):
+    return ["compare", "--data-dir", str(data), "--out-dir", str(out), "--algorithms", "scent", "--epochs", "1",
+            "--batch-size", "16", "--lr", "0.5"]
+
+
+@pytest.mark.parametrize("target", ["out_dir_of_mine", "run_dir_of_mine", "file"])
+def test_compare_writes_only_into_its_own_outputs(tmp_path, capsys, target):
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "cmp"
+    assert cli.main(compare_args(data, out)) == 0  # a comparison: rerun, it is reused
+    (run_name,) = [p.name for p in out.iterdir() if p.is_dir()]
+    if target == "out_dir_of_mine":
+        out = tmp_path / "mine"
+        user_folder(out)
+    elif target == "run_dir_of_mine":
+        shutil.rmtree(out / run_name)
+        user_folder(out / run_name)  # a folder of mine under a planned run's name
+    else:
+        out = tmp_path / "file"
+        out.write_text("mine")
+    before = snapshot(tmp_path)
+    code, err = run_cli(capsys, compare_args(data, out))
+    assert code == 2 and len(err) == 1 and str(out) in err[0], err
+    assert snapshot(tmp_path) == before
+
+
+def test_compare_stops_on_a_run_another_process_trains(tmp_path, capsys):
+    """Not recorded as failed (a compare_failed.json written into the live run, and the run
+    reported failed for ever): the command exits 2 naming the holder."""
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "cmp"
+    assert cli.main(compare_args(data, out)) == 0
+    (run_name,) = [p.name for p in out.iterdir() if p.is_dir()]
+    shutil.rmtree(out / run_name)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out / run_name)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=SRC))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, err = run_cli(capsys, compare_args(data, out))
+        assert code == 2 and f"in use by process {holder.pid}" in err[-1], err
+        assert not (out / run_name).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.main(compare_args(data, out)) == 0
+
+
+@pytest.mark.parametrize("command", ["synth", "demo"])
+@pytest.mark.parametrize("target", ["folder", "file"])
+def test_datasets_are_written_only_into_a_new_or_empty_directory(tmp_path, capsys, command, target):
+    """`xcent synth --out` and `xcent demo --data-dir` (the built-in dataset written on first use)
+    used to write train/val/test into a folder of the user's, over files of the same name."""
+    where = tmp_path / "d"
+    if target == "folder":
+        user_folder(where)
+        (where / "val").mkdir()
+        (where / "val" / "features.npy").write_text("mine")
+    else:
+        where.write_text("mine")
+    before = snapshot(tmp_path)
+    if command == "synth":
+        args = ["synth", "--out", where, "--num-classes", 5, "--num-samples", 50]
+    else:
+        args = ["demo", "--data-dir", where, "--out-dir", tmp_path / "o", "--epochs", 1]
+    code, err = run_cli(capsys, args)
+    flag = "--out" if command == "synth" else "--data-dir"
+    assert code == 2 and len(err) == 1 and f"{flag} {where}" in err[0], err
+    assert snapshot(tmp_path) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["synth", "--out", str(empty), "--num-classes", "5", "--num-samples", "50"]) == 0
+    assert (empty / "val" / "features.npy").exists()
+
+
+def test_file_outputs_replace_only_what_the_command_wrote(tmp_path, capsys):
+    """export, predict and import --overwrite replace an earlier output of theirs, never a file
+    of the user's that happens to have the suffix."""
+    data = small_data(tmp_path / "data")
+    assert cli.main(train_args(data, tmp_path / "o", "r", "--epochs", 1)) == 0
+    ckpt = tmp_path / "o" / "r" / "checkpoints" / "epoch_1.pt"
+    np.save(tmp_path / "x.npy", np.ones((3, 6), dtype=np.float32))
+    commands = {
+        "model.safetensors": ["export", "--checkpoint", ckpt, "--out"],
+        "preds.jsonl": ["predict", "--checkpoint", ckpt, "--features", tmp_path / "x.npy", "--top-k", 2, "--out"],
+        "preds.csv": ["predict", "--checkpoint", ckpt, "--features", tmp_path / "x.npy", "--top-k", 2, "--out"],
+    }
+    for name, args in commands.items():
+        out = tmp_path / name
+        out.write_text("a file of the user's\n")
+        code, err = run_cli(capsys, [*args, out])
+        assert code == 2 and len(err) == 1 and f"--out {out}: exists" in err[0], err
+        assert out.read_text() == "a file of the user's\n"
+        out.unlink()
+        assert cli.main([str(a) for a in (*args, out)]) == 0
+        assert cli.main([str(a) for a in (*args, out)]) == 0  # its own earlier output is replaced
+    mine = tmp_path / "mine.pt"
+    mine.write_text("a file of the user's")
+    code, err = run_cli(capsys, ["import", "--checkpoint", ckpt, "--algorithm", "scent", "--out", mine,
+                                 "--overwrite", "true"])
+    assert code == 2 and len(err) == 1 and "not an xcent checkpoint" in err[0], err
+    assert mine.read_text() == "a file of the user's"

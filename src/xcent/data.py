@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import UsageError
-from .fileio import atomic_path, write_text_atomic
+from .fileio import atomic_path, exclusive_lock, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 _CHECK_CHUNK_ROWS = 1 << 16
@@ -381,21 +381,43 @@ def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samp
             "largest_class": int(counts.max()), "classes_with_one_row": int((counts == 1).sum())}
 
 
-def synthesize_atomic(path, *args, **params) -> dict:
+def check_new_dataset_dir(path, flag: str) -> None:
+    """A dataset is written only into a new or empty directory: anything else at
+    ``path`` (a file, a folder holding anything) is a UsageError naming ``flag``,
+    raised before anything is written."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{flag} {path}: is a broken symbolic link")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: is a file, not a directory")
+    if path.is_dir():
+        entries = sorted(os.listdir(path))
+        if "train" in entries:
+            raise UsageError(f"{flag} {path}: already holds a dataset (train/ exists); choose another directory")
+        if entries:
+            raise UsageError(f"{flag} {path}: holds {entries[0]!r}; a dataset is written only into a new or "
+                             f"empty directory, so nothing there is overwritten: choose another directory")
+
+
+def synthesize_atomic(path, *args, flag: str = "--out", **params) -> dict:
     """:func:`synthesize` into ``.NAME.partial`` beside ``path``, then renamed to
-    ``path`` (absent or an empty directory): an interrupted or failed write (a full
-    disk) leaves no half dataset, and the same command redoes it from scratch."""
+    ``path`` (absent or an empty directory, :func:`check_new_dataset_dir`; ``flag``
+    names it in errors): an interrupted or failed write (a full disk) leaves no half
+    dataset, and the same command redoes it from scratch. One writer at a time
+    (:func:`xcent.fileio.exclusive_lock`): two commands writing the same dataset would
+    remove each other's partial directory."""
     import shutil
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        info = synthesize(tmp, *args, **params)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, path)
-    finally:
+    with exclusive_lock(path, "dataset"):
+        check_new_dataset_dir(path, flag)
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            info = synthesize(tmp, *args, **params)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 
@@ -407,6 +429,7 @@ def cached_synthetic(data_dir, cache_name: str, params: dict, announce: str = "x
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     path = Path(data_dir) if data_dir else cache / "xcent" / cache_name
     if not (path / "val").is_dir():
+        check_new_dataset_dir(path, "--data-dir")  # not the dataset: a folder of the user's is not written into
         print(f"{announce}: writing the synthetic dataset to {path}", flush=True)
-        synthesize_atomic(path, **params)
+        synthesize_atomic(path, flag="--data-dir", **params)
     return path

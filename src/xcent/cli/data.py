@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import load_dataset, synthesize, synthesize_atomic
-from ..errors import UsageError
+from ..data import check_new_dataset_dir, load_dataset, synthesize_atomic
 
 
 def synth_main(argv: list[str]) -> int:
@@ -36,13 +35,12 @@ def synth_main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     out = Path(a.out)
-    if (out / "train").exists():
-        raise UsageError(f"--out {out}: already holds a dataset (train/ exists); choose another directory")
-    # into a fresh or empty --out all at once (a failed run leaves nothing to refuse next time)
-    write = synthesize_atomic if not out.exists() or not any(out.iterdir()) else synthesize
-    info = write(out, a.num_classes, a.feature_dim, a.num_samples, a.val_fraction, a.test_fraction,
-                      a.seed, a.noise, a.tail_exponent, a.normalize, a.dtype, a.format,
-                      rows_per_class=a.rows_per_class, feature_norm=a.feature_norm)
+    # into a new or empty --out (never over files there), all at once (a failed run leaves
+    # nothing to refuse next time)
+    check_new_dataset_dir(out, "--out")
+    info = synthesize_atomic(out, a.num_classes, a.feature_dim, a.num_samples, a.val_fraction, a.test_fraction,
+                             a.seed, a.noise, a.tail_exponent, a.normalize, a.dtype, a.format,
+                             rows_per_class=a.rows_per_class, feature_norm=a.feature_norm)
     print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     return 0
 

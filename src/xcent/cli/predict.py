@@ -3,16 +3,21 @@ safetensors): command-line front ends of :mod:`xcent.predict` and :mod:`xcent.mo
 
 from __future__ import annotations
 
+import json
+import struct
 import time
 from pathlib import Path
 
 from ..device import ThreadPolicy, parse_threads, resolve_device
 from ..errors import UsageError
-from ..modelio import _names_from_data_dir, export_safetensors, load_model, read_label_names
+from ..modelio import EXPORT_FORMAT, _names_from_data_dir, export_safetensors, load_model, read_label_names
 from ..predict import DEFAULT_CHUNK_ROWS, DEFAULT_CLASS_CHUNK, Classifier, load_features, write_predictions
 
 
-def _check_out(out: str, suffixes: tuple[str, ...], flag: str = "--out") -> Path:
+def _check_out(out: str, suffixes: tuple[str, ...], flag: str = "--out", ours=None) -> Path:
+    """``--out`` as a path: the right suffix, in an existing directory, and, if it exists,
+    a file this command wrote (``ours(path)``): a file of the user's that happens to
+    have the suffix is never replaced."""
     path = Path(out)
     if path.suffix.lower() not in suffixes:
         raise UsageError(f"{flag} {out}: expected a file ending in {' or '.join(suffixes)}")
@@ -20,7 +25,53 @@ def _check_out(out: str, suffixes: tuple[str, ...], flag: str = "--out") -> Path
         raise UsageError(f"{flag} {out}: directory {path.parent} does not exist")
     if path.is_dir():
         raise UsageError(f"{flag} {out}: is a directory")
+    if ours is not None and (path.exists() or path.is_symlink()) and not ours(path):
+        raise UsageError(f"{flag} {out}: exists and was not written by this command, so it is not replaced; "
+                         f"choose another name or move it away")
     return path
+
+
+def _head(path: Path, size: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b"\0"
+
+
+def _is_predictions(path: Path) -> bool:
+    """An (empty or) earlier ``xcent predict`` output: its first line is the CSV header
+    or a JSONL record that it writes."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    first = _head(path, 1 << 16).split(b"\n", 1)[0].rstrip(b"\r")
+    if not first:
+        return path.stat().st_size == 0
+    if first.startswith(b"row,id_1,"):
+        return True
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and {"row", "ids", "probs"} <= record.keys()
+
+
+def _is_export(path: Path) -> bool:
+    """An earlier ``xcent export`` output (safetensors with xcent's format metadata)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    head = _head(path, 8)
+    if len(head) < 8:
+        return path.stat().st_size == 0
+    (length,) = struct.unpack("<Q", head)
+    if length > 100 << 20:
+        return False
+    try:
+        header = json.loads(_head(path, 8 + length)[8:])
+    except ValueError:
+        return False
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and metadata.get("format") == EXPORT_FORMAT
 
 
 def predict_main(argv: list[str]) -> int:
@@ -46,7 +97,7 @@ def predict_main(argv: list[str]) -> int:
     parse_threads(a.threads)  # a bad value fails before any work
 
     # every check happens before the output file is opened
-    out = _check_out(a.out, (".jsonl", ".csv"))
+    out = _check_out(a.out, (".jsonl", ".csv"), ours=_is_predictions)
     fmt = "csv" if out.suffix.lower() == ".csv" else "jsonl"
     if a.chunk_rows < 1:
         raise UsageError(f"--chunk-rows {a.chunk_rows}: must be positive")
@@ -85,7 +136,7 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--label-names", type=str, default=None,
                    help="classes.txt to embed; default: the checkpoint's own or DATA_DIR/classes.txt")
     a = p.parse_args(argv)
-    out = _check_out(a.out, (".safetensors",))
+    out = _check_out(a.out, (".safetensors",), ours=_is_export)
     if Path(a.checkpoint).resolve() == out.resolve():
         raise UsageError(f"--out {a.out}: is the --checkpoint itself")
     weight, meta = load_model(a.checkpoint)

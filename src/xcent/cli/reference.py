@@ -10,6 +10,17 @@ from pathlib import Path
 from ..errors import UsageError
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """``path`` reads as an xcent checkpoint (its metadata; the weight stays on disk)."""
+    from ..modelio import load
+
+    try:
+        load(path, mmap=True, weight=False, resume=False)
+    except UsageError:
+        return False
+    return True
+
+
 def import_main(argv: list[str]) -> int:
     from ..modelio import import_reference, save_atomic
     from ..yamlio import argument_parser
@@ -31,6 +42,9 @@ def import_main(argv: list[str]) -> int:
         raise UsageError(f"--out {out}: already exists (pass --overwrite true to replace it)")
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out}: is a directory")
+    if out.exists() and not _is_checkpoint(out):
+        raise UsageError(f"--out {out}: exists and is not an xcent checkpoint; --overwrite replaces only one, "
+                         f"so choose another name or move it away")
     data = None
     if a.data_dir is not None:
         from ..data import load_dataset

@@ -8,7 +8,11 @@
   ``retry_failed``;
 * a run directory whose saved config differs from the planned run is never replaced:
   every run is checked before any is trained, and a difference stops the command
-  with a one-line error.
+  with a one-line error;
+* only xcent's own outputs are written into or replaced: ``--out-dir`` holds nothing
+  but a comparison's files and xcent runs (:func:`check_out_dir`), and a planned run's
+  directory is an xcent run (:func:`xcent.rundir.not_a_run`); a run that another
+  process is training stops the command (exit 2) instead of being recorded as failed.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 
 from .. import losses
 from ..errors import UsageError
-from ..fileio import write_text_atomic
+from ..fileio import OutputInUse, foreign_entry, write_text_atomic
+from ..rundir import not_a_run, refuse_non_run
 from .plan import Plan, RunSpec, train_config
 from .report import FAILED_FILE, read_records
 
@@ -45,8 +50,10 @@ def run_state(spec: RunSpec, out_dir: Path) -> str:
     from ..yamlio import read_yaml
 
     run = RunDir(out_dir, spec.name)
-    if not run.path.exists():
+    if not run.path.exists() and not run.path.is_symlink():
         return "new"
+    # a folder or file of the user's under a planned run's name is never trained into or replaced
+    refuse_non_run(run.path, "xcent compare", others_ok=True)
     if run.config.exists():
         try:
             saved = read_yaml(run.config)
@@ -76,7 +83,40 @@ def run_state(spec: RunSpec, out_dir: Path) -> str:
         return "done"
     from .. import modelio as ckpt_io
 
-    return "resume" if ckpt_io.latest(run.checkpoints) is not None else ("partial" if run.holds_run() else "new")
+    if ckpt_io.latest(run.checkpoints) is not None:
+        return "resume"
+    refuse_non_run(run.path, "xcent compare")  # restarted with --overwrite: everything in it must be xcent's
+    return "partial" if run.holds_run() else "new"
+
+
+#: the files of a comparison in its --out-dir (beside its runs)
+COMPARE_FILES = frozenset({"compare.json", "compare.md", "compare.png", "compare.pdf"})
+
+
+def _in_comparison(path: Path) -> bool:
+    if not path.exists():  # the target of a leftover (.NAME.lock of a run not created, a temp file)
+        return not path.is_symlink()
+    if path.is_symlink():
+        return False
+    if path.name in COMPARE_FILES:
+        return path.is_file()
+    return path.is_dir() and not_a_run(path, others_ok=True) is None
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """``--out-dir`` must be new, empty, or hold only a comparison's files and xcent runs
+    (a comparison of other algorithms, or ``xcent train`` runs): anything else (the data,
+    a folder of the user's) is refused before anything is written."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir}: is a file, not a directory")
+    foreign = foreign_entry(out_dir, _in_comparison)
+    if foreign is not None:
+        raise UsageError(f"--out-dir {out_dir}: holds {foreign!r}, which is neither a comparison's file nor an "
+                         f"xcent run: xcent compare writes only into a new or empty directory or one of its own "
+                         f"comparisons; use another --out-dir")
 
 
 def execute(plan: Plan, echo=print) -> dict[str, str]:
@@ -85,6 +125,7 @@ def execute(plan: Plan, echo=print) -> dict[str, str]:
     from .. import train as train_mod
     from ..train import RunDir
 
+    check_out_dir(plan.out_dir)
     states = {spec.name: run_state(spec, plan.out_dir) for spec in plan.runs}  # all checked before any training
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     todo = [s for s in plan.runs if states[s.name] not in ("done",) and
@@ -107,6 +148,8 @@ def execute(plan: Plan, echo=print) -> dict[str, str]:
         try:
             train_mod.train(train_config(argv_run, f"train flags of run {spec.name}"), echo=echo)
             states[spec.name] = "done"
+        except OutputInUse:  # another process trains this run: not a failure of the run, stop here
+            raise
         except Exception as exc:  # a failed run is recorded; the others go on
             message = " ".join(str(exc).split()) or type(exc).__name__
             run.path.mkdir(parents=True, exist_ok=True)

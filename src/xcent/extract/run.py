@@ -29,12 +29,12 @@ import torch
 
 from ..device import resolve_device
 from ..errors import UsageError
-from ..fileio import exclusive_lock, write_text_atomic
+from ..fileio import exclusive_lock, foreign_entry, write_text_atomic
 from .backbones import ARCHS, build_backbone
 from .batches import ShardBatches
 from .datasets import DatasetOptions, get_dataset
 from .shards import expand_urls, format_errors
-from .store import FeatureStore
+from .store import NAMES, FeatureStore
 
 #: warnings printed per run before the rest are only counted
 MAX_WARNINGS = 20
@@ -108,6 +108,30 @@ def check_settings(out_dir: str, settings: dict) -> None:
         )
 
 
+#: what an extraction writes in its --out-dir (the ``.pt`` files with ``save_pt``)
+EXTRACT_ENTRIES = frozenset({"extract.json", "classes.txt", *(f"{n}.{ext}" for n in NAMES for ext in ("npy", "pt"))})
+
+
+def check_out_dir(out_dir: str) -> None:
+    """``--out-dir`` must be new, empty, or an extraction's output: its entries those of
+    :data:`EXTRACT_ENTRIES` (and xcent's leftovers), with ``extract.json``, which is
+    written before anything else. A folder of the user's (arrays it made itself
+    included) is never written into."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--out-dir: {out_dir} is not a directory")
+    foreign = foreign_entry(out_dir, lambda p: p.name in EXTRACT_ENTRIES and not p.is_symlink()
+                            and (p.is_file() or not p.exists()))
+    if foreign is not None:
+        raise UsageError(f"--out-dir: {out_dir} holds {foreign!r}, which xcent extract does not write: it writes "
+                         f"only into a new or empty directory or one of its own outputs; use another --out-dir")
+    if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "extract.json")):
+        entry = sorted(os.listdir(out_dir))[0]
+        raise UsageError(f"--out-dir: {out_dir} holds {entry!r} but no extract.json, so it was not written by "
+                         f"xcent extract and is not resumed; use another --out-dir or move it away")
+
+
 def _write_classes(out_dir: str, names: list[str]) -> None:
     write_text_atomic(os.path.join(out_dir, "classes.txt"), "".join(f"{name}\n" for name in names))
 
@@ -131,13 +155,19 @@ def extract_features(cfg: ExtractConfig) -> dict:
         "dtype": cfg.dtype, "data_url": cfg.data_url, "pretrained_path": cfg.pretrained_path,
         "metadata_path": cfg.metadata_path,
     }  # fmt: skip
+    check_out_dir(cfg.out_dir)
     check_settings(cfg.out_dir, settings)
     FeatureStore.check(cfg.out_dir, cfg.data_size, cfg.feature_dim, cfg.dtype)
     backbone = build_backbone(arch, cfg.pretrained_path, cfg.feature_dim, device)
 
     with exclusive_lock(cfg.out_dir, "extraction output"):  # one writer per store
-        store = FeatureStore.open(cfg.out_dir, cfg.data_size, cfg.feature_dim, cfg.dtype)
+        # checked again under the lock (what is written into is what was checked); the
+        # settings go first, so the directory reads as an extraction output from its first file
+        check_out_dir(cfg.out_dir)
+        check_settings(cfg.out_dir, settings)
+        os.makedirs(cfg.out_dir, exist_ok=True)
         write_text_atomic(os.path.join(cfg.out_dir, "extract.json"), json.dumps(settings, indent=2) + "\n")
+        store = FeatureStore.open(cfg.out_dir, cfg.data_size, cfg.feature_dim, cfg.dtype)
         if rows_of.classes is not None:  # known up front: a partial extraction can be split too
             _write_classes(cfg.out_dir, rows_of.classes)
 

@@ -286,10 +286,12 @@ def make_split(
         "not_cached": int(len(labels) - len(rows)),
         **coverage,
     }
-    with exclusive_lock(out_dir, "split output"), atomic_dir(out_dir) as tmp:  # one writer per output
-        for name in SPLITS:
-            write_split(str(tmp), name, features, all_labels, parts[name], fmt)
-        if classes is not None:
-            write_text_atomic(tmp / "classes.txt", "".join(f"{c}\n" for c in classes))
-        write_text_atomic(tmp / "split.json", json.dumps(report, indent=2) + "\n")
+    with exclusive_lock(out_dir, "split output"):  # one writer per output
+        check_out_dir(out_dir, in_dir)  # again under the lock: what is replaced is what was checked
+        with atomic_dir(out_dir) as tmp:
+            for name in SPLITS:
+                write_split(str(tmp), name, features, all_labels, parts[name], fmt)
+            if classes is not None:
+                write_text_atomic(tmp / "classes.txt", "".join(f"{c}\n" for c in classes))
+            write_text_atomic(tmp / "split.json", json.dumps(report, indent=2) + "\n")
     return report
