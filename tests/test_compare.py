@@ -116,7 +116,8 @@ def test_figure_panels_and_curves(compared):
     assert "Train" in axes[0].get_title() and "Validation" in axes[1].get_title()
     assert all(ax.get_xlabel() == "epoch" for ax in axes)
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels == ["BSGD (2 seeds)", "SCENT (2 seeds)"]  # the paper's legend order, not the run order
+    # the paper's legend order, not the run order; then the shared start as a reference line
+    assert labels == ["BSGD (2 seeds)", "SCENT (2 seeds)", "start (epoch 0)"]
     for ax, key in zip(axes, ("train_loss", "val_loss")):
         lines = {line.get_label(): line for line in ax.get_lines()}
         for algo, label in (("bsgd", "BSGD (2 seeds)"), ("scent", "SCENT (2 seeds)")):
@@ -126,6 +127,11 @@ def test_figure_panels_and_curves(compared):
             assert list(y) == pytest.approx([statistics.fmean(r[e][key] for r in runs) for e in range(3)])
             assert lines[label].get_color() == losses.get(algo).color
         assert len(ax.collections) == 2  # one min-max band per algorithm
+        # the start: the runs' epoch-0 value (both algorithms start from the same model per seed)
+        starts = [_jsonl(compared, f"{algo}_seed{s}")[0][key] for algo in ("bsgd", "scent") for s in (1, 2)]
+        x, y = lines["start (epoch 0)"].get_data()
+        assert list(y) == pytest.approx([statistics.fmean(starts)] * 2, rel=1e-12)
+        assert lines["start (epoch 0)"].get_linestyle() == ":"
     from PIL import Image
 
     with Image.open(compared / "compare.png") as img:

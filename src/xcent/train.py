@@ -629,6 +629,37 @@ def _step_record(values: dict, numbers: list) -> dict:
     return record
 
 
+def _against_start(metrics: dict, best: dict, records: list[dict]) -> dict:
+    """An epoch record's comparison with the start (epoch 0): ``start_val_loss``,
+    ``start_val_acc`` and ``improved_over_start`` (val CE below the start's). The start
+    is kept in the checkpoint's ``best``; a run resumed from a checkpoint written before
+    it was kept takes it from its epoch-0 record (rank 0 holds the records), else {}."""
+    if "start_val_loss" not in best:
+        first = records[0] if records and records[0]["epoch"] == 0 else None
+        if first is None:
+            return {}
+        best.update(start_val_loss=first["val_loss"], start_val_acc=first["val_acc"])
+    start = best["start_val_loss"]
+    return {"start_val_loss": start, "start_val_acc": best["start_val_acc"],
+            "improved_over_start": bool(metrics["val_loss"] < start)}
+
+
+def outcome_line(last: dict, best: dict, keep_best: bool) -> str | None:
+    """The run's last console line: val CE and top-1 at the start (epoch 0) and at the
+    end, and whether training improved on the start (val CE); None without a start."""
+    if "improved_over_start" not in last:
+        return None
+    ce = f"val CE {last['start_val_loss']:.4f} at the start -> {last['val_loss']:.4f} at epoch {last['epoch']}"
+    top1 = f"val top-1 {last['start_val_acc']:.4f} -> {last['val_acc']:.4f}"
+    if last["improved_over_start"]:
+        return f"result: improved over the start: {ce}, {top1}"
+    kept = ""
+    if keep_best and best.get("kept_epoch") is not None:
+        kept = ("; checkpoints/best is the start" if best["kept_epoch"] == 0
+                else f"; checkpoints/best is epoch {best['kept_epoch']} (--best-by {best.get('kept_by')})")
+    return f"result: NOT improved over the start: {ce}, {top1}{kept}"
+
+
 def _diverged(bar, run: RunDir, c, epoch: int, step: int, lr: float):
     bar.close()
     last = ckpt_io.latest(run.checkpoints)
@@ -661,6 +692,7 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
             metrics, eval_s = _epoch_metrics(data, engine, subset, None)
             metrics["epoch"] = 0
             eval_s += _update_best(best, metrics, data, engine)
+        best.update(start_val_loss=metrics["val_loss"], start_val_acc=metrics["val_acc"])
         if c.keep_best:
             _keep_best(run, engine, loss_fn, metrics, best, c, data)
         finish_epoch({"epoch": 0, **metrics, "lr": 0.0, "epoch_seconds": 0.0, "samples_per_second": 0.0,
@@ -732,8 +764,8 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
             _keep_best(run, engine, loss_fn, metrics, best, c, data)
         if skipped and is_main:
             log.warning("epoch %d: %d step(s) skipped (batch with a single label)", epoch, skipped)
-        finish_epoch({"epoch": epoch, **metrics, "lr": lr, "surrogate_loss": float(surrogate_sum) / max(steps, 1),
-                      "epoch_seconds": train_seconds,
+        finish_epoch({"epoch": epoch, **metrics, **_against_start(metrics, best, records), "lr": lr,
+                      "surrogate_loss": float(surrogate_sum) / max(steps, 1), "epoch_seconds": train_seconds,
                       "samples_per_second": num_samples / max(train_seconds, 1e-9),
                       "skipped_steps": skipped, "eval_seconds": eval_s})
         if epoch % c.save_frequency == 0 or epoch == epochs:
@@ -742,4 +774,6 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
                 on_saved()  # --overwrite: the replaced run may go now
                 on_saved = None
     echo(f"outputs: {run.path} (eval_{run.name}.jsonl, checkpoints/, config.yaml, out.log)")
+    if (line := outcome_line(records[-1], best, c.keep_best)) is not None:
+        echo(line)
     return records[-1]

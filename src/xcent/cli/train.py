@@ -46,6 +46,11 @@ def demo_main(argv: list[str]) -> int:
     resolve(given.replace(data_dir=given.data_dir or "."))  # bad flags fail before the data is made
     data_dir = cached_synthetic(given.data_dir, "demo-v1", DEMO_DATA, announce="xcent demo")
     last = train(resolve(given.replace(data_dir=str(data_dir))))
-    print(f"xcent demo: val loss {last['val_loss']:.3f} (log C = {math.log(DEMO_DATA['num_classes']):.3f}), "
-          f"val top-1 {last['val_acc']:.3f}")
+    log_c = math.log(DEMO_DATA["num_classes"])
+    if "start_val_loss" in last:
+        verdict = "improved over the start" if last["improved_over_start"] else "NOT improved over the start"
+        print(f"xcent demo: val loss {last['start_val_loss']:.3f} -> {last['val_loss']:.3f} (log C = {log_c:.3f}), "
+              f"val top-1 {last['start_val_acc']:.3f} -> {last['val_acc']:.3f}: {verdict}")
+    else:
+        print(f"xcent demo: val loss {last['val_loss']:.3f} (log C = {log_c:.3f}), val top-1 {last['val_acc']:.3f}")
     return 0

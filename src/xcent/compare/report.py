@@ -33,6 +33,7 @@ __all__ = [
     "mean_std",
     "read_records",
     "render_markdown",
+    "start_lines",
     "run_metrics",
     "runs_in",
     "save_figure",
@@ -47,6 +48,8 @@ SHARED_HPARAMS = ("batch_size", "epochs", "warmup_epochs")
 
 #: Per-run metrics: key -> (markdown column, format).
 METRICS = {
+    "start_val_loss": ("start val loss", ".4f"),
+    "start_val_top1": ("start val top-1", ".4f"),
     "final_train_loss": ("final train loss", ".4f"),
     "final_val_loss": ("final val loss", ".4f"),
     "best_val_loss": ("best val loss", ".4f"),
@@ -118,17 +121,21 @@ def read_records(path: Path) -> list[dict]:
 def run_metrics(records: list[dict]) -> dict:
     """The per-run numbers of the tables, straight from its JSONL records.
 
-    Final values are those of the last record; ``best_val_loss`` is the lowest val loss
+    Start values are those of epoch 0 (the initial model; None when the records begin
+    later); final values are those of the last record; ``best_val_loss`` is the lowest val loss
     of any epoch (epoch 0 included); the test numbers are those the trainer measured at
     the epoch of best val top-1 (``best_test_loss``/``best_test_acc``), which is
     ``best_val_epoch``; ``seconds_per_epoch`` is the mean training time of epochs >= 1."""
     last = records[-1]
+    start = records[0] if records[0]["epoch"] == 0 else {}
     val_losses = [r["val_loss"] for r in records if r.get("val_loss") is not None]
     best_acc = last.get("best_val_acc")
     best_epoch = next((r["epoch"] for r in records if best_acc is not None and r.get("val_acc") == best_acc), None)
     seconds = [r["epoch_seconds"] for r in records if r["epoch"] >= 1 and r.get("epoch_seconds") is not None]
     return {
         "epochs": last["epoch"],
+        "start_val_loss": start.get("val_loss"),
+        "start_val_top1": start.get("val_acc"),
         "final_train_loss": last.get("train_loss"),
         "final_val_loss": last.get("val_loss"),
         "best_val_loss": min(val_losses) if val_losses else None,
@@ -194,9 +201,28 @@ def sort_curves(curves: list[Curve]) -> list[Curve]:
     return sorted(curves, key=lambda c: (rank.get(c.key, len(rank)), c.label))
 
 
+def start_lines(curves: list[Curve], key: str) -> list[tuple[float, str | None, str]]:
+    """The reference lines of the start (epoch 0) in the panel of ``key``: (value, colour
+    or None for the neutral grey, legend label). The runs of a comparison share one start
+    (the same data, seed and ``--init``): one grey line; runs that start apart (``xcent
+    plot`` of unrelated runs) get one dotted line each in their curve's colour."""
+    starts = []
+    for curve in sort_curves(curves):
+        epochs, mean, _, _ = _band(curve.runs, key)
+        if epochs and epochs[0] == 0:
+            starts.append((mean[0], curve))
+    if not starts:
+        return []
+    values = [v for v, _ in starts]
+    if max(values) - min(values) <= 1e-6 * max(1.0, abs(max(values))):
+        return [(values[0], None, "start (epoch 0)")]
+    return [(v, curve.color, f"{curve.label} start") for v, curve in starts]
+
+
 def make_figure(curves: list[Curve], title: str | None = None):
     """Two panels (train and val full-CE loss vs epoch), one colour per algorithm in
-    the paper's legend order, the mean over seeds as a line and the min-max as a band."""
+    the paper's legend order, the mean over seeds as a line and the min-max as a band,
+    and the start (epoch 0) as a dotted reference line (:func:`start_lines`)."""
     # the Agg canvas explicitly, not pyplot: no global backend switch, no GUI, no display needed
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -217,6 +243,8 @@ def make_figure(curves: list[Curve], title: str | None = None):
                     label=label, marker=curve.marker if len(epochs) <= 20 else None, ms=5)
             if n > 1:
                 ax.fill_between(epochs, low, high, color=curve.color, alpha=0.18, lw=0)
+        for value, color, label in start_lines(curves, key):
+            ax.axhline(value, color=color or "0.35", ls=":", lw=1.6, label=label, zorder=1)
         ax.set_title(f"{name} (full softmax CE)", fontsize=13)
         ax.set_xlabel("epoch", fontsize=12)
         ax.set_ylabel("loss", fontsize=12)
