@@ -254,7 +254,8 @@ def test_a_seventh_algorithm_is_one_class_and_one_entry(toy, tiny_data, tmp_path
     assert summary["results"]["toy"]["label"] == "Toy (damped)"
     assert summary["results"]["toy"]["hparams"] == {"lr": 2.0, "toy_tau": 0.5}
     fig = compare.make_figure(compare.compare_curves(summary))
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["BSGD", "Toy (damped)"]  # legend order
+    # legend order, then the shared start's reference line
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["BSGD", "Toy (damped)", "start (epoch 0)"]
     line = next(ln for ln in fig.get_axes()[0].get_lines() if ln.get_label() == "Toy (damped)")
     assert line.get_color() == toy.color and line.get_marker() == "P"
     assert "Toy (damped)" in (out / "compare.md").read_text()
