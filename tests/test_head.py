@@ -432,3 +432,20 @@ def test_xcent_train_momentum_weight_decay(tiny_data, tmp_path):
     again = load_ckpt(tmp_path / "resumed" / "checkpoints" / "epoch_2.pt")
     assert torch.equal(again["weight"], ckpt["weight"])
     assert torch.equal(again["momentum_buffer"], ckpt["momentum_buffer"])
+
+
+def test_nan_weight_is_refused_by_load_state_dict_and_never_ranked_by_topk():
+    """A state whose weight holds NaN (a diverged head's) is refused before anything is
+    copied; a head whose weight went NaN refuses topk instead of ranking NaN first."""
+    head = SparseSoftmaxHead(30, 4, 10, algorithm="bsgd", epochs=1)
+    bad = {k: v.clone() if torch.is_tensor(v) else v for k, v in head.state_dict().items()}
+    bad["weight"][3, 1] = float("nan")
+    other = SparseSoftmaxHead(30, 4, 10, algorithm="bsgd", epochs=1, init_seed=1)
+    before = other.weight.clone()
+    with pytest.raises(ValueError, match="'weight' holds a value that is not finite.*row 3"):
+        other.load_state_dict(bad)
+    assert torch.equal(other.weight, before)
+    with torch.no_grad():
+        head.weight[3, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="scores of embedding row 0 are not finite"):
+        head.topk(torch.randn(2, 4), 3)

@@ -148,3 +148,21 @@ def test_mismatches_are_one_line_exit_2(tiny_data, tmp_path, capsys, problem):
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("xcent import: error:")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_weight_beyond_float32_is_refused_after_the_cast(tiny_data, tmp_path, capsys):
+    """The reference's fc.weight in float64 holding 1e39: finite in the file, inf in the
+    float32 checkpoint import writes. Checked after the cast: exit 2 naming the row."""
+    path = tmp_path / "ref.pt"
+    reference_save(path, torch.randn(60, 16), 1, torch.randn(960))
+    saved = torch.load(path, weights_only=True)
+    weight = saved["model_state"]["fc.weight"].double()
+    weight[4, 2] = 1e39
+    saved["model_state"]["fc.weight"] = weight
+    torch.save(saved, path)
+    code = xcent_main(["import", "--checkpoint", str(path), "--algorithm", "scent", "--out", str(tmp_path / "x.pt"),
+                       "--data-dir", str(tiny_data)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "'fc.weight' holds a value that is not finite in float32" in err and "row 4" in err
+    assert not (tmp_path / "x.pt").exists()

@@ -247,3 +247,54 @@ def test_stale_temp_files_of_interrupted_saves_are_removed_on_resume(run, tmp_pa
     # the function itself, on a directory that does not exist and on one with nothing stale
     assert mio.clean_stale_temp(tmp_path / "nowhere") == []
     assert mio.clean_stale_temp(ckpts) == []
+
+
+def test_non_finite_weight_is_refused_by_every_reader(run, tmp_path, capsys):
+    """An intact file whose weight holds NaN/inf (a diverged state, a hand-made or
+    converted file; a float64 value beyond float32's range): exit 2 naming the file, the
+    tensor and the row, in every reader. It used to evaluate to `loss nan top1 1.0000`
+    and to predict `probs: NaN`."""
+    good = mio.load(run["ckpts"] / "epoch_1.pt")
+    feats = run["data"] / "val" / "features.npy"
+    cases = {}
+    for name, edit in (("nan", lambda w: w.__setitem__((7, 3), float("nan"))),
+                       ("inf", lambda w: w.__setitem__((7, 0), float("-inf")))):
+        w = good["weight"].clone()
+        edit(w)
+        cases[name] = w
+    big = good["weight"].double()
+    big[7, 5] = 1e39  # finite in the file, inf once cast to float32
+    cases["float64"] = big
+    for name, w in cases.items():
+        path = tmp_path / f"{name}.pt"
+        mio.save_atomic({**{k: v for k, v in good.items() if k != "checksums"}, "weight": w}, path)
+        why = f"{path}: 'weight' holds a value that is not finite in float32 (NaN, inf or beyond +-3.4e38) in row 7"
+        assert fail(train_argv(run, "--resume", str(path)), capsys).endswith(f"--resume {why}")
+        assert fail(["eval", "--checkpoint", str(path), "--data-dir", str(run["data"])], capsys).endswith(
+            f"--checkpoint {why}")
+        out = tmp_path / "p.jsonl"
+        assert why in fail(["predict", "--checkpoint", str(path), "--features", str(feats), "--out", str(out)],
+                           capsys)
+        assert not out.exists()
+        assert why in fail(["export", "--checkpoint", str(path), "--out", str(tmp_path / "w.safetensors")], capsys)
+        with pytest.raises(UsageError, match="row 7"):
+            xcent.Classifier.load(path)
+    # an export written with a NaN (by hand: xcent export refuses to read one)
+    export = tmp_path / "nan.safetensors"
+    mio.export_safetensors(cases["nan"], {"algorithm": "scent", "epoch": 1}, export)
+    assert "'weight' holds a value that is not finite" in fail(
+        ["eval", "--checkpoint", str(export), "--data-dir", str(run["data"])], capsys)
+    # a sharded directory: the row is counted in the whole weight, whichever shard holds it
+    sharded = write_sharded(tmp_path / "epoch_1", {**good, "weight": cases["nan"]}, [0, 5, 40])
+    assert "shard_00001.pt: 'weight' holds a value that is not finite in float32 (NaN, inf or beyond " \
+        "+-3.4e38) in row 7" in fail(["eval", "--checkpoint", str(sharded), "--data-dir", str(run["data"])], capsys)
+    assert "in row 7" in fail(train_argv(run, "--resume", str(sharded)), capsys)
+    # a set dual that is not finite is refused on resume too (NaN marks an unset one)
+    nu = good["nu"].clone()
+    nu[int(good["nu_set"].nonzero()[0, 0])] = float("inf")
+    path = tmp_path / "nu.pt"
+    mio.save_atomic({**{k: v for k, v in good.items() if k != "checksums"}, "nu": nu}, path)
+    assert "'nu' holds a value that is not finite" in fail(train_argv(run, "--resume", str(path)), capsys)
+    # the library: a Classifier of a non-finite weight is refused too
+    with pytest.raises(ValueError, match="row 7"):
+        xcent.Classifier(cases["nan"])

@@ -266,3 +266,30 @@ def test_sharded_checkpoint_directory_loads_and_exports(tmp_path, capsys):
     empty = tmp_path / "not_a_run"
     empty.mkdir()
     assert f"--checkpoint {empty}: " in fail(["export", "--checkpoint", str(empty), "--out", str(st)], capsys)
+
+
+def test_scores_that_overflow_are_refused_not_ranked(tmp_path, capsys):
+    """Finite features and a finite weight whose products exceed float32 give an inf or
+    NaN score, which torch.topk ranks first with probability NaN: refused, naming the
+    row (and, in xcent predict, --features), with no output written."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(20, 4, generator=gen)
+    x = torch.randn(5, 4, generator=gen)
+    x[3] = 3e38  # finite
+    clf = Classifier(weight, chunk_rows=2)
+    with pytest.raises(xcent.errors.UsageError, match="scores of row 3 are not finite"):
+        clf.predict(x, k=3)
+    with pytest.raises(xcent.errors.UsageError, match="scores of row 3 are not finite"):
+        clf.log_proba(x)
+    ids, probs = clf.predict(x[:3], k=3)  # the other rows are fine
+    assert bool(torch.isfinite(probs).all())
+    ckpt, feats, out = tmp_path / "w.pt", tmp_path / "x.npy", tmp_path / "p.jsonl"
+    save_atomic({"format": FORMAT, "weight": weight, "epoch": 0, "algorithm": "scent", "num_classes": 20,
+                 "feature_dim": 4, "config": {}}, ckpt)
+    np.save(feats, x.numpy())
+    capsys.readouterr()
+    code = cli.main(["predict", "--checkpoint", str(ckpt), "--features", str(feats), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"--features {feats}: the scores of row 3 are not finite" in err
+    assert not out.exists()

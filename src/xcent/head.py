@@ -68,9 +68,10 @@ from torch import Tensor, nn
 
 from .classifier import InBatch, init_weight, row_gradient_weights_, scan_classes
 from .distributed import all_gather_rows, class_range
-from .errors import ArgumentError
+from .errors import ArgumentError, UsageError
 from .init import MAX_PROBE_ROWS, InitResult, probe_rows, scale_class_means_
 from .losses import ALGORITHMS, build, get, resolve_hparams
+from .modelio import check_finite
 from .predict import TopK
 from .step import LazySGD, effective_group, sharded_in_batch
 from .sync import to_host
@@ -244,6 +245,12 @@ class SparseSoftmaxHead(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None and (problem := self._state_problem(extra)):
             raise ArgumentError(f"load_state_dict: {problem}")
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, Tensor) and weight.is_floating_point():
+            try:  # a diverged head's state: NaN would rank first in topk
+                check_finite(weight, prefix + "weight", "load_state_dict")
+            except UsageError as exc:
+                raise ArgumentError(str(exc)) from None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _state_problem(self, extra: Any) -> str:
@@ -431,6 +438,7 @@ class SparseSoftmaxHead(nn.Module):
         x = None if problem else embeddings.detach().to(device=self.weight.device, dtype=self.weight.dtype)
         if self.process_group is None:
             scan = scan_classes(x, self.weight, k=k, class_chunk=class_chunk)
+            _refuse_nonfinite_scores(scan.lse)
             return TopK(scan.top_ids, torch.exp(scan.top_scores - scan.lse[:, None]))
         x, _, _, offset, _ = self._gather(x, problem=problem)
         scan = scan_classes(x, self.weight, k=k, class_chunk=class_chunk, class_offset=self.lo)
@@ -447,6 +455,7 @@ class SparseSoftmaxHead(nn.Module):
         best_ids = torch.cat(parts[P:2 * P], 1).gather(1, pos)
         lse = torch.logsumexp(torch.stack(parts[2 * P:]), dim=0)
         rows = slice(offset, offset + embeddings.shape[0])
+        _refuse_nonfinite_scores(lse[rows])
         return TopK(best_ids[rows], torch.exp(best - lse[:, None])[rows])
 
     def _shard_sizes(self) -> list[int]:
@@ -587,6 +596,16 @@ class SparseSoftmaxHead(nn.Module):
         if batch.num_distinct < 2:
             return batch, None
         return batch, row_gradient_weights_(batch.label_pos, self.loss_fn.weights(batch.logits, index))
+
+
+def _refuse_nonfinite_scores(lse: Tensor) -> None:
+    """``topk``'s check: a row whose log-normaliser is not finite has a NaN or an
+    overflowing score (the embeddings are checked finite, so the head's weight or the
+    product is at fault), which ``torch.topk`` would rank first with probability NaN."""
+    bad = ~torch.isfinite(lse)
+    if bool(bad.any()):
+        raise RuntimeError(f"SparseSoftmaxHead.topk: the scores of embedding row {int(bad.nonzero()[0, 0])} are "
+                           "not finite (the head's weight holds NaN or inf, or the scores overflow float32)")
 
 
 def _integer(name: str, value, low: int | None = None, high: int | None = None) -> int:

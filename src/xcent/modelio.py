@@ -123,6 +123,27 @@ def _verify(t: Tensor, stored, name: str, where: str, rows: tuple[int, int] | No
         raise UsageError(f"{where}: corrupt checkpoint (tensor '{name}' fails its checksum)")
 
 
+#: rows per block of the finiteness scan: the float32 copy and flags of a block are
+#: the scan's only memory, whatever the weight's size
+_FINITE_CHUNK_ROWS = 1 << 14
+
+
+def check_finite(t: Tensor, name: str, where: str, row_offset: int = 0) -> None:
+    """Refuse rows that hold a NaN or inf *as float32*, the dtype every consumer computes
+    in (a float64 file's 1e300 is finite until the cast): one :class:`UsageError`
+    naming ``where``, the tensor ``name`` and the first bad row (``row_offset`` added:
+    the row in the whole weight). A non-finite weight used to evaluate to ``loss nan
+    top1 1.0000`` and to predict ``probs: NaN``. Scanned in blocks of
+    :data:`_FINITE_CHUNK_ROWS` rows, so a memory-mapped weight is never copied whole."""
+    for start in range(0, t.shape[0] if t.ndim else 1, _FINITE_CHUNK_ROWS):
+        block = (t[start:start + _FINITE_CHUNK_ROWS] if t.ndim else t.reshape(1)).to(torch.float32)
+        bad = ~torch.isfinite(block.reshape(block.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            row = row_offset + start + int(bad.nonzero()[0, 0])
+            raise UsageError(f"{where}: '{name}' holds a value that is not finite in float32 (NaN, inf or "
+                             f"beyond +-3.4e38) in row {row}")
+
+
 def _verify_zip(path: Path, where: str) -> None:
     """A checkpoint written before tensor checksums existed: check the CRC-32 that the
     zip container of ``torch.save`` stores for every record (torch's reader never
@@ -258,14 +279,23 @@ def validate(ckpt, path, flag: str = "--resume", *, resume: bool = True, manifes
     checksums = ckpt.get("checksums")
     if checksums is None:
         _verify_zip(Path(path), where)
-        return ckpt
-    if not isinstance(checksums, dict):
+    elif not isinstance(checksums, dict):
         raise bad("'checksums' is not a dict")
-    for key, value in ckpt.items():
-        if isinstance(value, Tensor) and not (key in ROW_KEYS and not verify_weight):
-            if key not in checksums:
-                raise UsageError(f"{where}: corrupt checkpoint (tensor '{key}' has no checksum)")
-            _verify(value, checksums[key], key, where)
+    else:
+        for key, value in ckpt.items():
+            if isinstance(value, Tensor) and not (key in ROW_KEYS and not verify_weight):
+                if key not in checksums:
+                    raise UsageError(f"{where}: corrupt checkpoint (tensor '{key}' has no checksum)")
+                _verify(value, checksums[key], key, where)
+    # intact, but a diverged or hand-made state: refused by the content check below
+    if verify_weight:
+        for key in ROW_KEYS:
+            if key in ckpt:
+                check_finite(ckpt[key], key, where)
+    if "nu" in ckpt and "nu_set" in ckpt and ckpt["nu"].shape == ckpt["nu_set"].shape:
+        # NaN marks a dual never set; a set one must be finite
+        nu = ckpt["nu"]
+        check_finite(torch.where(ckpt["nu_set"], nu, torch.zeros_like(nu)), "nu", where)
     return ckpt
 
 
@@ -332,6 +362,7 @@ def _load_shard(directory: Path, name: str, s_lo: int, s_hi: int, manifest: dict
         _verify_zip(path, where)
     else:
         _verify(w, checksums.get(key), key, where, rows=rows)
+    check_finite(w[rows[0]:rows[1]], key, where, row_offset=s_lo + rows[0])
     return w
 
 
@@ -365,6 +396,7 @@ def load_rows(path, lo: int, hi: int, flag: str = "--resume", key: str = "weight
         return None
     if ckpt.get("checksums") is not None:
         _verify(rows, ckpt["checksums"].get(key), key, f"{flag} {path}", rows=(lo, hi))
+    check_finite(rows[lo:hi], key, f"{flag} {path}", row_offset=lo)
     return rows[lo:hi].clone()
 
 
@@ -572,6 +604,8 @@ def _load_safetensors(path: Path, device, flag: str) -> tuple[Tensor, dict]:
                 raise UsageError(f"{where}: corrupt export (tensor '{key}' has no checksum)")
             _verify(t, sums[key], key, where)
     weight, blob = tensors["weight"], tensors.get("label_names")
+    if isinstance(weight, Tensor) and weight.is_floating_point():
+        check_finite(weight, "weight", where)
     # names travel as one UTF-8 byte tensor joined by newlines rather than in the
     # header: the header is capped (100 MB) and every reader parses it whole
     try:
@@ -613,7 +647,8 @@ def load_model(path, device="cpu", flag: str = "--checkpoint") -> tuple[Tensor, 
     name). ``meta`` has ``num_classes``, ``feature_dim``,
     ``algorithm``, ``epoch``, ``num_samples``, ``label_names`` (a list when the file
     carries them, else None), ``data_dir`` (the training data dir, when known) and
-    ``source``. Every file is verified (structure and checksums, see :func:`validate`);
+    ``source``. Every file is verified (structure, checksums and a weight finite in
+    float32, see :func:`validate` and :func:`check_finite`);
     anything wrong is a one-line ``UsageError`` naming ``flag`` and the file. This is
     the single entry point for every reader of weights; extend it for new formats.
     """
@@ -712,8 +747,8 @@ def import_reference(path, algorithm: str, num_samples: int | None = None,
     epoch = ref.get("epoch", 0)  # the reference's own loader starts at 0 without one
     if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
         raise UsageError(f"{where}: 'epoch' is {epoch!r}, not a non-negative integer")
-    if not torch.isfinite(weight).all():
-        raise UsageError(f"{where}: 'fc.weight' holds non-finite values")
+    weight = weight.detach().to(torch.float32).contiguous()
+    check_finite(weight, "fc.weight", where)  # after the cast: a float64 1e300 becomes inf
 
     ref_nu = ref.get("criterion_nu")
     if has_dual and ref_nu is None:
@@ -756,7 +791,7 @@ def import_reference(path, algorithm: str, num_samples: int | None = None,
         if "sched" in key:
             report["dropped"].append(f"'{key}' (xcent's learning rate is a function of the epoch)")
     ckpt = {
-        "format": FORMAT, "weight": weight.detach().to(torch.float32).contiguous(), "nu": nu, "nu_set": nu_set,
+        "format": FORMAT, "weight": weight, "nu": nu, "nu_set": nu_set,
         "epoch": epoch, "best": {}, "algorithm": algorithm, "num_classes": num_classes, "feature_dim": feature_dim,
         "num_samples": num_samples, "config": {},
         # resume restores this generator state; the reference's is not in its checkpoint

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from .classifier import scan_classes
-from .errors import UsageError
+from .errors import ArgumentError, UsageError
 from .fileio import atomic_path
-from .modelio import _names_from_data_dir, load_model, read_label_names
+from .modelio import _names_from_data_dir, check_finite, load_model, read_label_names
 
 __all__ = ["Classifier", "TopK", "load_features", "write_predictions"]
 
@@ -55,6 +55,17 @@ def _as_tensor(features) -> Tensor:
     return torch.from_numpy(np.asarray(features))
 
 
+def _check_scores(lse: Tensor, start: int) -> None:
+    """Refuse a block whose log-normaliser is not finite: some score of that row is NaN
+    or overflows float32 (finite features and weights whose products exceed 3.4e38),
+    and ``torch.topk`` would rank the NaN first with probability NaN."""
+    bad = ~torch.isfinite(lse)
+    if bool(bad.any()):
+        row = start + int(bad.nonzero()[0, 0])
+        raise UsageError(f"features: the scores of row {row} are not finite in float32 (they overflow: "
+                         f"scale the features down)")
+
+
 # --------------------------------------------------------------------------- the API
 
 
@@ -67,7 +78,9 @@ class Classifier:
 
     Work is done in blocks of ``chunk_rows`` rows x ``class_chunk`` classes, so
     :meth:`predict` never holds an (N, C) matrix. Features are cast to the weight's
-    dtype; rows with NaN/Inf are refused (they would give NaN probabilities).
+    dtype. Nothing NaN is ever reported as a winner: a weight that is not finite is
+    refused here, feature rows with NaN/Inf are refused (a ``UsageError`` naming the
+    row), and so is a row whose scores overflow float32 (finite but huge features).
     """
 
     def __init__(self, weight: Tensor, label_names: list[str] | None = None, meta: dict | None = None,
@@ -78,6 +91,10 @@ class Classifier:
             raise ValueError(f"{len(label_names)} label names for {weight.shape[0]} classes")
         if chunk_rows < 1 or class_chunk < 1:
             raise ValueError("chunk_rows and class_chunk must be positive")
+        try:
+            check_finite(weight, "weight", "Classifier")
+        except UsageError as exc:
+            raise ArgumentError(str(exc)) from None
         self.weight = weight
         self.label_names = label_names
         self.meta = dict(meta or {})
@@ -146,6 +163,7 @@ class Classifier:
             raise UsageError(f"k={k}: must be between 1 and num_classes ({self.num_classes})")
         for start in range(0, x.shape[0], self.chunk_rows):
             scan = scan_classes(self._chunk(x, start), self.weight, k=k, class_chunk=self.class_chunk)
+            _check_scores(scan.lse, start)
             yield start, TopK(scan.top_ids.cpu(), torch.exp(scan.top_scores - scan.lse[:, None]).cpu())
 
     @torch.no_grad()
@@ -175,6 +193,7 @@ class Classifier:
             block = self._chunk(x, start)
             out = torch.empty((block.shape[0], self.num_classes), dtype=block.dtype, device=block.device)
             scan = scan_classes(block, self.weight, scores_out=out, class_chunk=self.class_chunk)
+            _check_scores(scan.lse, start)
             out -= scan.lse[:, None]
             yield start, out
 

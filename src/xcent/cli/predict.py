@@ -117,7 +117,10 @@ def predict_main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     flops = 2.0 * len(feats) * clf.num_classes * clf.feature_dim
     with ThreadPolicy(a.threads, device=device).evaluation(clf.feature_dim, flops):
-        n = write_predictions(clf, feats, out, a.top_k, fmt, progress=a.progress)
+        try:
+            n = write_predictions(clf, feats, out, a.top_k, fmt, progress=a.progress)
+        except UsageError as exc:  # a row the model cannot score: name the file it came from
+            raise UsageError(f"--features {a.features}: {str(exc).removeprefix('features: ')}") from None
     seconds = time.perf_counter() - t0
     print(f"wrote {out}: {n} rows, top-{a.top_k} of {clf.num_classes} classes"
           f"{' with names' if clf.label_names is not None else ''} ({seconds:.1f} s, "
