@@ -31,6 +31,7 @@ from typing import Literal, Optional, Union
 from . import losses
 from .device import parse_threads
 from .errors import UsageError
+from .limits import MAX_EPOCHS, check_seed, seed_type
 from .loggers import check_available
 from .rundir import check_run_name
 
@@ -86,7 +87,8 @@ class TrainConfig:
     save_frequency: int = _help("checkpoint every N epochs (and at the end)", default=1)
     hparams: dict = field(default_factory=dict, metadata={"hparams": True})
     resume: str | None = _help("a checkpoint path, or 'latest'", default=None)
-    seed: int = _help("weight initialisation and the shuffling of every epoch", default=42)
+    seed: int = _help("weight initialisation and the shuffling of every epoch; a whole number in [0, 2^32 - 1]",
+                      default=42)
     name: str | None = _help("run name (default: the algorithm)", default=None)
     train_loss: Literal["subset", "running"] = _help(
         "subset: full CE of the end-of-epoch model on --train-eval-size fixed rows; running: the mean full CE "
@@ -222,6 +224,8 @@ def train_parser(prog: str = "xcent train", description: str | None = None, defa
                 p.add_argument(hp.flag, type=real, default=defaults.get(hp.key), help=hp.help)
             continue
         flag, hint, text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata["help"]
+        if f.name == "seed":
+            hint = seed_type()  # an int in [0, MAX_SEED] (xcent.limits)
         default = defaults.get(f.name, f.default)
         required = default is dataclasses.MISSING
         default = None if required else default
@@ -260,6 +264,9 @@ def parse_error_line(message: str) -> str:
     noise = ("Given value", "Subtypes", "Errors", "Does not validate", "- Expected a <class 'NoneType'>")
     reasons = [ln.lstrip("- ") for ln in lines[1:] if not ln.startswith(noise)]
     reason = reasons[0] if reasons else "invalid value"
+    own = re.match(r"Not of type Seed: (.*)", reason)  # xcent's own types (Seed) say the value and the rule
+    if own:
+        return f"{flag}: {own.group(1)}"
     got = re.search(r"\.? Got value: (.*)$", reason)
     if got:
         given, reason = got.group(1), reason[:got.start()]
@@ -285,8 +292,10 @@ def _parse(parser, argv: list[str]):
 
 
 def _plain(value):
-    # jsonargparse's restricted types are float subclasses; config.yaml wants plain floats
-    return float(value) if isinstance(value, float) else value
+    # jsonargparse's restricted types (and Seed) are float and int subclasses; config.yaml wants plain ones
+    if isinstance(value, float):
+        return float(value)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _from_namespace(ns) -> TrainConfig:
@@ -340,8 +349,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise UsageError(f"--algorithm {c.algorithm}: unknown; choose one of {', '.join(losses.REGISTRY)}")
     if c.batch_size < 2:
         raise UsageError(f"--batch-size {c.batch_size}: must be at least 2 (a step needs negatives)")
-    if c.epochs < 1:
-        raise UsageError(f"--epochs {c.epochs}: must be at least 1")
+    if not 1 <= c.epochs <= MAX_EPOCHS:
+        raise UsageError(f"--epochs {c.epochs}: must be in [1, {MAX_EPOCHS}]")
+    check_seed(c.seed)
     if c.save_frequency < 1:
         raise UsageError(f"--save-frequency {c.save_frequency}: must be at least 1")
     if not 0 <= c.warmup_epochs < c.epochs:

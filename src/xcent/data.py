@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .errors import UsageError
-from .fileio import atomic_path, exclusive_lock, write_text_atomic
+from .fileio import atomic_path, exclusive_lock, why_missing, write_text_atomic
+from .limits import check_fits, check_seed
 
 SPLITS = ("train", "val", "test")
 _CHECK_CHUNK_ROWS = 1 << 16
@@ -117,6 +118,9 @@ class Dataset:
     num_classes: int
     feature_dim: int
     class_names: list[str] | None = None
+    #: what set ``num_classes``, in the user's words (``--num-classes N`` or the labels
+    #: file and its largest label), for messages about sizes
+    classes_from: str | None = None
 
     @property
     def train(self) -> Split:
@@ -124,7 +128,8 @@ class Dataset:
 
 
 def _find(directory: Path, stem: str) -> Path | None:
-    found = [directory / f"{stem}{ext}" for ext in (".npy", ".pt") if (directory / f"{stem}{ext}").exists()]
+    # lexists: a broken link or a link loop is found, and reported as what it is
+    found = [directory / f"{stem}{ext}" for ext in (".npy", ".pt") if os.path.lexists(directory / f"{stem}{ext}")]
     if len(found) > 1:
         # which one is current cannot be told (a split rewritten in the other format)
         raise UsageError(f"{directory}: both {stem}.npy and {stem}.pt exist; a split holds one format, "
@@ -179,6 +184,23 @@ def _load_array(path: Path):
     return obj
 
 
+def check_int64_labels(labels: np.ndarray, where: str) -> None:
+    """Refuse numpy ``labels`` whose values int64 cannot hold (a uint64 label of
+    2**64 - 1 would wrap to -1 in the cast, a float label of 1e30 to anything), naming
+    the largest: every reader casts labels to int64."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return
+    if np.issubdtype(labels.dtype, np.unsignedinteger) and labels.dtype.itemsize == 8:
+        top = int(labels.max())
+    elif np.issubdtype(labels.dtype, np.floating):
+        top = float(np.abs(labels).max())  # NaN is reported by the caller's whole-number check
+    else:
+        return
+    if top > np.iinfo(np.int64).max:
+        raise UsageError(f"{where}: label {top} is beyond the int64 range of class indices")
+
+
 def _labels_tensor(raw, path: Path) -> Tensor:
     dtype = raw.dtype
     is_int = (dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -189,6 +211,7 @@ def _labels_tensor(raw, path: Path) -> Tensor:
         raise UsageError(f"{path}: labels must be a 1-d array, found shape {tuple(raw.shape)}")
     if isinstance(raw, torch.Tensor):
         return raw.to(torch.int64).clone()
+    check_int64_labels(raw, str(path))
     return torch.from_numpy(np.asarray(raw, dtype=np.int64).copy())
 
 
@@ -210,13 +233,22 @@ def check_feature_array(features, where: str) -> None:
         raise UsageError(f"{where}: features must be float16/bfloat16/float32/float64, found {features.dtype}")
 
 
+#: what :func:`first_nonfinite_row` finds, for messages
+NONFINITE = "non-finite (NaN, Inf, or beyond float32's range of +-3.4e38)"
+
+
 def first_nonfinite_row(features, chunk_rows: int = _CHECK_CHUNK_ROWS) -> int | None:
-    """The first row holding a NaN/Inf, scanning in chunks (memory-mapped pages are
-    released after each, so the scan does not leave the whole file mapped), or None."""
+    """The first row holding a value that is not finite *in float32*, the dtype all
+    arithmetic is done in (NaN, Inf, or a float64 value beyond float32's range, which
+    the cast turns into Inf), scanning in chunks (memory-mapped pages are released
+    after each, so the scan does not leave the whole file mapped), or None."""
     for start in range(0, features.shape[0], chunk_rows):
         chunk = features[start:start + chunk_rows]
-        bad = ((~torch.isfinite(chunk)).any(dim=1).numpy() if isinstance(chunk, torch.Tensor)
-               else ~np.isfinite(chunk).all(axis=1))
+        if isinstance(chunk, torch.Tensor):
+            bad = (~torch.isfinite(chunk.float())).any(dim=1).numpy()
+        else:
+            with np.errstate(over="ignore"):  # the overflow to inf is what is looked for
+                bad = ~np.isfinite(np.asarray(chunk, dtype=np.float32)).all(axis=1)
         _release_pages(features)
         if bad.any():
             return start + int(np.flatnonzero(bad)[0])
@@ -233,6 +265,9 @@ def load_split(data_dir: Path, name: str, check_features: bool = True) -> Split:
         raise UsageError(f"{directory}: no features.npy or features.pt")
     if lpath is None:
         raise UsageError(f"{directory}: no labels.npy or labels.pt")
+    for path in (fpath, lpath):
+        if not path.exists():
+            raise UsageError(f"{path}: {why_missing(path)}")
     features = _load_array(fpath)
     labels = _labels_tensor(_load_array(lpath), lpath)
     check_feature_array(features, str(fpath))
@@ -242,7 +277,7 @@ def load_split(data_dir: Path, name: str, check_features: bool = True) -> Split:
         raise UsageError(f"{directory}: the {name} split is empty")
     split = Split(name, directory, features, labels, [fpath, lpath])
     if check_features and (row := first_nonfinite_row(features)) is not None:
-        raise UsageError(f"{fpath}: non-finite (NaN/Inf) feature value in row {row}")
+        raise UsageError(f"{fpath}: {NONFINITE} feature value in row {row}")
     return split
 
 
@@ -253,7 +288,8 @@ def load_dataset(data_dir, splits=SPLITS, num_classes: int | None = None, featur
     them against each other and against the given sizes (None = infer)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UsageError(f"--data-dir {data_dir}: no such directory")
+        why = why_missing(data_dir) if not data_dir.exists() else "not a directory"
+        raise UsageError(f"--data-dir {data_dir}: {why}")
     loaded: dict[str, Split] = {}
     for name in splits:
         if name not in required and not (data_dir / name).is_dir():
@@ -273,22 +309,29 @@ def load_dataset(data_dir, splits=SPLITS, num_classes: int | None = None, featur
         bad = next(s for s in loaded.values() if int(s.labels.min()) < 0)
         raise UsageError(f"{bad.feature_files[1]}: negative label {int(bad.labels.min())}")
     needed = max(int(s.labels.max()) for s in loaded.values()) + 1
+    top = max(loaded.values(), key=lambda s: int(s.labels.max()))
     if num_classes is None:
         num_classes = needed
+        classes_from = f"{top.feature_files[1]}: label {needed - 1} asks for {needed} classes"
     elif num_classes < needed:
-        bad = max(loaded.values(), key=lambda s: int(s.labels.max()))
-        raise UsageError(f"{bad.feature_files[1]}: label {needed - 1} is out of range for --num-classes {num_classes}")
+        raise UsageError(f"{top.feature_files[1]}: label {needed - 1} is out of range for --num-classes {num_classes}")
+    else:
+        classes_from = f"--num-classes {num_classes}"
+    # every reader of the labels keeps per-class arrays (counts, at least 8 bytes a class)
+    check_fits(8 * num_classes, classes_from, "their per-class counts (8 bytes a class)")
     if data_size is not None and data_size != loaded["train"].num_samples:
         raise UsageError(f"--data-size {data_size} does not match the train split ({loaded['train'].num_samples} rows)")
     classes_file = data_dir / "classes.txt"
     names = read_class_names(classes_file) if os.path.lexists(classes_file) else None
-    return Dataset(loaded, int(num_classes), dim, names)
+    return Dataset(loaded, int(num_classes), dim, names, classes_from)
 
 
 def read_class_names(path) -> list[str]:
     """The lines of a ``classes.txt`` (line i names label i): a regular UTF-8 text
     file, or a one-line UsageError naming it."""
     path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: {why_missing(path)}")
     if not path.is_file():
         raise UsageError(f"{path}: not a regular file (expected one class name per line)")
     try:
@@ -335,16 +378,22 @@ def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samp
     per class. Rows are shuffled, then cut into train/val/test by the fractions.
     Returns a summary dict.
     """
+    seed = check_seed(seed)
+    asked = f"--num-samples {num_samples}, --num-classes {num_classes}, --feature-dim {feature_dim}"
     if rows_per_class is not None:
-        if not rows_per_class >= 1:
-            raise UsageError(f"--rows-per-class {rows_per_class}: must be at least 1")
+        if not (rows_per_class >= 1 and math.isfinite(rows_per_class)):
+            raise UsageError(f"--rows-per-class {rows_per_class}: must be a number of at least 1")
         num_samples = round(rows_per_class * num_classes)
+        asked = f"--rows-per-class {rows_per_class} x --num-classes {num_classes}, --feature-dim {feature_dim}"
     if not (feature_norm > 0 and math.isfinite(feature_norm)):
         raise UsageError(f"--feature-norm {feature_norm}: must be a positive number")
     if num_classes < 2 or feature_dim < 1 or num_samples < num_classes:
         raise UsageError("synth needs --num-classes >= 2, --feature-dim >= 1 and --num-samples >= --num-classes")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UsageError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+    # the rows and the centroids are made in memory (float32), then written
+    check_fits(4 * (num_samples + num_classes) * feature_dim + 16 * num_samples + 8 * num_classes, asked,
+               "the dataset, made in memory before it is written,")
     rng = np.random.default_rng(seed)
     centroids = rng.standard_normal((num_classes, feature_dim)).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)

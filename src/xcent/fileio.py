@@ -36,6 +36,25 @@ from pathlib import Path
 
 from .errors import UsageError
 
+
+def why_missing(path) -> str:
+    """Why the input ``path`` is not there to be read, in words for a message: ``no
+    such file``, ``a symbolic link loop``, ``a broken symbolic link (to T)``,
+    ``permission denied``, ... (``Path.exists`` answers False to all of them alike)."""
+    path = Path(path)
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop (it points, directly or through others, to itself)"
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        if exc.errno == errno.ENOENT:
+            return "no such file or directory"
+        return f"cannot be read ({exc.strerror})"
+    return "not a regular file" if not path.is_file() and not path.is_dir() else "cannot be read"
+
+
 #: errnos that mean "this output cannot be written here": reported as one line, exit 2
 OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 

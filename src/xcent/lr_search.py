@@ -81,6 +81,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .errors import UsageError
+
 __all__ = [
     "REFERENCE_MEAN_SQ_NORM",
     "REFERENCE_ROWS_PER_CLASS",
@@ -206,6 +208,15 @@ class SearchPlan:
         return self.max_rows > self.budget_rows
 
 
+def check_searchable(counts: Tensor) -> None:
+    """``--lr auto`` scores its candidates on training rows held out of the search, one
+    of each class with two rows or more: refuse data (per-class row ``counts``) where
+    no class has two."""
+    if int(counts.max()) < 2:
+        raise UsageError(f"--lr auto: no class has two training rows ({int(counts.sum())} rows, one per class), so "
+                         f"none can be held out to score the candidate rates; pass a number to --lr")
+
+
 def make_plan(labels: Tensor, num_classes: int, batch_size: int, num_candidates: int, seed: int,
               budget: float = 0.2, passes: int = PASSES, max_held: int = 2000,
               min_classes: int | None = None) -> SearchPlan:
@@ -259,6 +270,11 @@ def make_plan(labels: Tensor, num_classes: int, batch_size: int, num_candidates:
     held = torch.zeros_like(held_mask)
     held[held_idx] = True
     held_rows, train_rows = shuffled[held].sort().values, shuffled[~held].sort().values
+    if held_rows.numel() == 0:  # nothing to score the candidates on
+        check_searchable(counts)
+        raise UsageError(f"--lr auto: the search's sample ({y.numel()} rows of {classes.numel()} classes) has no "
+                         f"class with two rows to hold one out for scoring; raise --lr-search-budget or pass a "
+                         f"number to --lr")
     pass_batches = []
     for _ in range(passes):
         perm_rows = train_rows[torch.randperm(train_rows.numel(), generator=gen)]

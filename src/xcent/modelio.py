@@ -51,7 +51,8 @@ import torch
 from torch import Tensor
 
 from .errors import UsageError
-from .fileio import atomic_path
+from .fileio import atomic_path, why_missing
+from .limits import MAX_EPOCHS
 
 FORMAT = "xcent-checkpoint-v1"
 EXPORT_FORMAT = "xcent-export-v1"
@@ -247,8 +248,8 @@ def validate(ckpt, path, flag: str = "--resume", *, resume: bool = True, manifes
     for key in ("num_classes", "feature_dim", "num_samples"):
         if key in ckpt and not (_is_int(ckpt[key]) and ckpt[key] > 0):
             raise bad(f"'{key}' is {ckpt[key]!r}, not a positive integer")
-    if not (_is_int(ckpt["epoch"]) and ckpt["epoch"] >= 0):
-        raise bad(f"'epoch' is {ckpt['epoch']!r}, not a non-negative integer")
+    if not (_is_int(ckpt["epoch"]) and 0 <= ckpt["epoch"] <= MAX_EPOCHS):
+        raise bad(f"'epoch' is {ckpt['epoch']!r}, not a whole number in [0, {MAX_EPOCHS}]")
     for key, kind in (("best", dict), ("config", dict), ("algorithm", str)):
         if key in ckpt and not isinstance(ckpt[key], kind):
             raise bad(f"'{key}' is a {type(ckpt[key]).__name__}, not a {kind.__name__}")
@@ -403,7 +404,7 @@ def load_rows(path, lo: int, hi: int, flag: str = "--resume", key: str = "weight
 def _load_file(path: Path, flag: str, map_location="cpu", mmap: bool = False, resume: bool = True,
                verify_weight: bool = True) -> dict:
     if not path.is_file():
-        raise UsageError(f"{flag} {path}: no such file")
+        raise UsageError(f"{flag} {path}: {why_missing(path) if not path.exists() else 'not a file'}")
     return validate(_torch_load(path, flag, map_location, mmap), path, flag, resume=resume,
                     verify_weight=verify_weight)
 
@@ -550,7 +551,7 @@ def read_label_names(path, num_classes: int | None = None, flag: str = "--label-
 
     path = Path(path)
     if not path.exists():
-        raise UsageError(f"{flag} {path}: no such file")
+        raise UsageError(f"{flag} {path}: {why_missing(path)}")
     try:
         names = read_class_names(path)
     except UsageError as exc:
@@ -654,7 +655,7 @@ def load_model(path, device="cpu", flag: str = "--checkpoint") -> tuple[Tensor, 
     """
     path = resolve_checkpoint(path, flag)
     if not path.exists():
-        raise UsageError(f"{flag} {path}: no such file")
+        raise UsageError(f"{flag} {path}: {why_missing(path)}")
     # a directory is a class-sharded checkpoint (epoch_K/ with a manifest), which
     # load() assembles into the same dict as a single file
     reader = _load_safetensors if path.is_file() and _is_safetensors(path) else _load_checkpoint
@@ -664,6 +665,10 @@ def load_model(path, device="cpu", flag: str = "--checkpoint") -> tuple[Tensor, 
     if tuple(weight.shape) != (meta["num_classes"], meta["feature_dim"]):
         raise UsageError(f"{flag} {path}: weight shape {tuple(weight.shape)} does not match num_classes "
                          f"{meta['num_classes']} x feature_dim {meta['feature_dim']}")
+    if meta["num_classes"] < 1 or meta["feature_dim"] < 1:
+        raise UsageError(f"{flag} {path}: weight shape {tuple(weight.shape)}: no classes or no features")
+    if meta["epoch"] is not None and not 0 <= meta["epoch"] <= MAX_EPOCHS:
+        raise UsageError(f"{flag} {path}: epoch {meta['epoch']} is not a whole number in [0, {MAX_EPOCHS}]")
     if meta["label_names"] is not None and len(meta["label_names"]) != meta["num_classes"]:
         raise UsageError(f"{flag} {path}: {len(meta['label_names'])} label names for "
                          f"{meta['num_classes']} classes")
@@ -726,7 +731,7 @@ def import_reference(path, algorithm: str, num_samples: int | None = None,
     has_dual = not issubclass(REGISTRY[algorithm].cls, BSGD)
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{where}: no such file")
+        raise UsageError(f"{where}: {why_missing(path) if not path.exists() else 'not a file'}")
     try:
         # weights_only: a checkpoint from elsewhere is never unpickled as code
         ref = torch.load(path, map_location="cpu", weights_only=True)
@@ -744,9 +749,12 @@ def import_reference(path, algorithm: str, num_samples: int | None = None,
         raise UsageError(f"{where}: 'model_state' holds {sorted(state)[0]!r} besides 'fc.weight'; "
                          f"not the reference's bias-free linear classifier")
     num_classes, feature_dim = (int(n) for n in weight.shape)
+    if num_classes < 1 or feature_dim < 1:
+        raise UsageError(f"{where}: 'fc.weight' is {tuple(weight.shape)}: a classifier needs at least one class "
+                         f"and one feature")
     epoch = ref.get("epoch", 0)  # the reference's own loader starts at 0 without one
-    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
-        raise UsageError(f"{where}: 'epoch' is {epoch!r}, not a non-negative integer")
+    if not (_is_int(epoch) and 0 <= epoch <= MAX_EPOCHS):
+        raise UsageError(f"{where}: 'epoch' is {epoch!r}, not a whole number in [0, {MAX_EPOCHS}]")
     weight = weight.detach().to(torch.float32).contiguous()
     check_finite(weight, "fc.weight", where)  # after the cast: a float64 1e300 becomes inf
 
@@ -779,13 +787,13 @@ def import_reference(path, algorithm: str, num_samples: int | None = None,
 
     report = {"epoch": epoch, "num_classes": num_classes, "feature_dim": feature_dim, "num_samples": num_samples,
               "num_unset": int((~nu_set).sum()) if has_dual else None, "dropped": []}
-    opt = ref.get("optimizer_state")
-    if isinstance(opt, dict):
-        groups = opt.get("param_groups") or [{}]
-        group = groups[0] if isinstance(groups[0], dict) else {}
-        report["lr"], report["initial_lr"] = group.get("lr"), group.get("initial_lr")
-        report["momentum"] = group.get("momentum")
-        if any(isinstance(s, dict) and s.get("momentum_buffer") is not None for s in (opt.get("state") or {}).values()):
+    opt = _optimizer_state(ref.get("optimizer_state"), where)
+    if opt is not None:
+        group = opt["param_groups"][0] if opt["param_groups"] else {}
+        for key in ("lr", "initial_lr", "momentum"):  # reported only, so only plain numbers
+            value = group.get(key)
+            report[key] = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+        if any(s.get("momentum_buffer") is not None for s in opt["state"].values()):
             report["dropped"].append("the optimizer's momentum buffer (xcent's step has no momentum)")
     for key in ref:
         if "sched" in key:
@@ -798,4 +806,24 @@ def import_reference(path, algorithm: str, num_samples: int | None = None,
         "rng_state": torch.Generator().manual_seed(0).get_state(), "world_size": 1,
         "imported_from": {"format": REFERENCE, "path": str(path)},
     }
+    # what is written is what every reader accepts: the one check they all run
+    validate(with_checksums(ckpt), path, flag)
     return ckpt, report
+
+
+def _optimizer_state(opt, where: str) -> dict | None:
+    """The reference's ``optimizer_state`` (``torch.optim.Optimizer.state_dict()``:
+    ``param_groups`` a list of dicts, ``state`` a dict of dicts), or None when absent;
+    anything else is a UsageError naming it."""
+    if opt is None:
+        return None
+    if not isinstance(opt, dict):
+        raise UsageError(f"{where}: 'optimizer_state' is a {type(opt).__name__}, not an optimizer's state_dict")
+    groups, state = opt.get("param_groups", []), opt.get("state", {})
+    if not (isinstance(groups, list | tuple) and all(isinstance(g, dict) for g in groups)):
+        raise UsageError(f"{where}: 'optimizer_state' has 'param_groups' {type(groups).__name__} "
+                         f"{str(groups)[:40]}, not a list of dicts (an optimizer's state_dict)")
+    if not (isinstance(state, dict) and all(isinstance(v, dict) for v in state.values())):
+        raise UsageError(f"{where}: 'optimizer_state' has 'state' {type(state).__name__} {str(state)[:40]}, "
+                         f"not a dict of dicts (an optimizer's state_dict)")
+    return {"param_groups": list(groups), "state": state}

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .classifier import scan_classes
 from .errors import ArgumentError, UsageError
-from .fileio import atomic_path
+from .fileio import atomic_path, why_missing
 from .modelio import _names_from_data_dir, check_finite, load_model, read_label_names
 
 __all__ = ["Classifier", "TopK", "load_features", "write_predictions"]
@@ -232,11 +232,11 @@ def load_features(path, feature_dim: int, flag: str = "--features", check_finite
     """Memory-map an (N, D) float ``.npy`` or ``.pt`` feature file and validate it:
     shape, dtype, ``D == feature_dim`` and (``check_finite``) no NaN/Inf, scanned
     before any work so that a bad row fails fast and no output is touched."""
-    from .data import _load_array, check_feature_array, first_nonfinite_row
+    from .data import NONFINITE, _load_array, check_feature_array, first_nonfinite_row
 
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{flag} {path}: no such file")
+        raise UsageError(f"{flag} {path}: {why_missing(path) if not path.exists() else 'not a file'}")
     if path.suffix not in (".npy", ".pt"):
         raise UsageError(f"{flag} {path}: expected a .npy or .pt file")
     try:
@@ -248,7 +248,7 @@ def load_features(path, feature_dim: int, flag: str = "--features", check_finite
         raise UsageError(f"{flag} {path}: feature dimension {feats.shape[1]} does not match the "
                          f"checkpoint's feature_dim {feature_dim}")
     if check_finite and (row := first_nonfinite_row(feats)) is not None:
-        raise UsageError(f"{flag} {path}: non-finite (NaN/Inf) value in row {row}")
+        raise UsageError(f"{flag} {path}: {NONFINITE} value in row {row}")
     return feats
 
 

@@ -32,6 +32,7 @@ from .divergence import check_divergence
 from .errors import DivergenceError, UsageError
 from .evaluate import evaluate
 from .fileio import exclusive_lock, write_text_atomic
+from .limits import check_weight_fits
 from .loggers import JsonlLogger, MultiLogger, TensorBoardLogger
 from .losses import build
 from .losses import get as get_algorithm
@@ -417,6 +418,26 @@ def _prepare_start(c: TrainConfig, data: Dataset, engine, subset, run: RunDir, e
     return c
 
 
+def check_trainable(data: Dataset, c: TrainConfig, device, world_size: int = 1) -> None:
+    """What the data and the flags ask for can be trained, before anything is allocated:
+    at least two classes (a softmax over one class is 1 whatever the weight: its loss
+    is 0 and its accuracy 1), and a weight (each process's rows of it, and its momentum
+    buffer with ``--momentum``) that fits in the memory of ``device``
+    (:func:`xcent.limits.check_weight_fits`)."""
+    if data.num_classes < 2:
+        if c.num_classes is not None:
+            raise UsageError(f"--num-classes {c.num_classes}: training needs at least 2 classes")
+        raise UsageError(f"--data-dir {c.data_dir}: every label is 0, a single class; training needs at least 2 "
+                         f"classes (a softmax over one class is 1 whatever the weight)")
+    if c.lr == "auto":
+        from .lr_search import check_searchable
+
+        check_searchable(torch.bincount(data.train.labels, minlength=data.num_classes))
+    rows = -(-data.num_classes // max(world_size, 1))
+    asked = f"{data.classes_from} with feature dimension {data.feature_dim}"
+    check_weight_fits(rows, data.feature_dim, asked, device, copies=2 if c.momentum else 1)
+
+
 def train(c: TrainConfig, echo=print) -> dict:
     """Run the training described by the resolved config ``c`` (see
     :func:`xcent.config.config_from_argv`); returns the last JSONL record. Raises
@@ -436,6 +457,7 @@ def train(c: TrainConfig, echo=print) -> dict:
                             data_size=c.data_size, check_features=c.check_features,
                             low_memory=c.low_memory)
         device = resolve_device(c.device)
+        check_trainable(data, c, device, xd.world_size_from_env())
         ctx = xd.init_from_env(device, c.dist_timeout) if xd.world_size_from_env() > 1 else None
         try:
             with ThreadPolicy.use(torch.get_num_threads()):  # the caller's thread count comes back

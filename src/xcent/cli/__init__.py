@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UsageError, XcentError
-from ..fileio import describe_output_error
+from ..fileio import describe_output_error, why_missing
 from ..yamlio import MAX_YAML_BYTES, check_yaml, load_yaml
 
 #: subcommand name -> (module:function, one-line help)
@@ -76,6 +77,7 @@ def _one_line_parser_errors():
         # jsonargparse names a flag 'Parser key "train_eval_size"': say --train-eval-size
         message = re.sub(r'Parser key "([A-Za-z0-9_]+)":?',
                          lambda m: "--" + m.group(1).replace("_", "-") + ":", str(message))
+        message = re.sub(r"Not of type Seed: ", "", message)  # xcent's own types (Seed) give the reason
         raise _ParserError(" ".join(message.split()))
 
     for cls in originals:
@@ -91,7 +93,8 @@ def _check_config_files(argv: list[str]) -> None:
     """``--config FILE`` must be a readable UTF-8 text file (jsonargparse would raise a
     bare UnicodeDecodeError on a binary one) within the bounds of :mod:`xcent.yamlio`
     (checked here too, so that the message names the file as given). A value that is
-    not an existing path must be an inline YAML mapping (jsonargparse accepts one)."""
+    not an existing path must be an inline YAML mapping (jsonargparse accepts one);
+    otherwise the message says why the file is not there (missing, a link loop)."""
     for i, arg in enumerate(argv):
         flag, _, value = arg.partition("=")
         if flag not in ("--config", "--config-file"):
@@ -104,9 +107,11 @@ def _check_config_files(argv: list[str]) -> None:
         except OSError:  # e.g. an inline YAML text longer than a file name may be
             exists = False
         if not exists:
+            if value and "\n" not in value and os.path.lexists(value):  # a broken link, a link loop
+                raise UsageError(f"{flag} {value}: {why_missing(value)}")
             shown = value if "\n" not in value and len(value) <= 80 else "(inline YAML)"
             if value and not isinstance(load_yaml(value, f"{flag} {shown}"), dict):
-                raise UsageError(f"{flag} {shown}: no such file, nor a YAML mapping given inline")
+                raise UsageError(f"{flag} {shown}: {why_missing(value)}, nor a YAML mapping given inline")
             continue
         if not path.is_file():
             raise UsageError(f"{flag} {value}: not a file")

@@ -69,7 +69,8 @@ def compare_parser():
     p.add_argument("--algorithms", type=str | None, default=None,
                    help="comma list (default: every registered algorithm, currently "
                         f"{','.join(losses.REGISTRY)})")
-    p.add_argument("--seeds", type=str | None, default=None, help="comma list of seeds (default: 42)")
+    p.add_argument("--seeds", type=str | None, default=None,
+                   help="comma list of seeds, each in [0, 2^32 - 1] (default: 42)")
     p.add_argument("--epochs", type=int | None, default=None, help="epochs of every run (default: xcent train's)")
     p.add_argument("--override", type=str, action="append", default=[], metavar="ALG.KEY=VALUE",
                    help="per-algorithm train flag, e.g. sox.gamma=1e-5 (repeatable)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import check_new_dataset_dir, load_dataset, synthesize_atomic
+from ..limits import seed_type
 
 
 def synth_main(argv: list[str]) -> int:
@@ -32,7 +33,7 @@ def synth_main(argv: list[str]) -> int:
     p.add_argument("--normalize", type=bool, default=True, help="scale features to unit norm")
     p.add_argument("--dtype", type=str, default="float32", help="float32 or float16")
     p.add_argument("--format", type=str, default="npy", help="npy or pt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_type(), default=0, help="a whole number in [0, 2^32 - 1]")
     a = p.parse_args(argv)
     out = Path(a.out)
     # into a new or empty --out (never over files there), all at once (a failed run leaves

@@ -12,14 +12,17 @@ from argparse import ArgumentError
 from typing import Literal, Optional
 
 from ..errors import UsageError
+from ..limits import seed_type
 
 
 def _parse(parser, argv: list[str]):
     """Parse, turning jsonargparse's errors into a one-line `UsageError`."""
+    from ..config import parse_error_line
+
     try:
         return parser.parse_args(argv)
     except ArgumentError as exc:
-        raise UsageError(" ".join(str(exc).split())) from exc
+        raise UsageError(parse_error_line(str(exc))) from None
 
 
 def extract_parser():
@@ -70,7 +73,7 @@ def extract_parser():
     parser.add_argument(
         "--device", type=Optional[str], default=None, help="torch device (default: cuda if available, else cpu)"
     )
-    parser.add_argument("--seed", type=int, default=42, help="torch seed")
+    parser.add_argument("--seed", type=seed_type(), default=42, help="torch seed, in [0, 2^32 - 1]")
     parser.add_argument("--feature-dim", type=int, default=512, help="feature size the backbone must produce")
     parser.add_argument(
         "--arch", type=Optional[str], default=None, help=f"backbone: {', '.join(ARCHS)} (default: {defaults})"
@@ -127,7 +130,7 @@ def split_parser():
     parser.add_argument(
         "--test-fraction", type=float, default=0.05, help="fraction of cached rows (< 1) or row count (>= 1) for test"
     )
-    parser.add_argument("--seed", type=int, default=42, help="seed of the split")
+    parser.add_argument("--seed", type=seed_type(), default=42, help="seed of the split, in [0, 2^32 - 1]")
     parser.add_argument(
         "--stratify",
         action="store_true",

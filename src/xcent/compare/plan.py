@@ -19,6 +19,8 @@ from pathlib import Path
 
 from .. import losses
 from ..errors import UsageError
+from ..fileio import why_missing
+from ..limits import check_seed
 
 __all__ = ["DEMO_CACHE", "DEMO_DATA", "DEMO_EPOCHS", "MANAGED", "CompareSettings", "Plan", "RunSpec",
            "load_config_file", "make_plan", "resolve_train", "train_config", "train_keys"]
@@ -153,7 +155,7 @@ def load_config_file(path: str) -> tuple[dict, CompareSettings]:
 
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
+        raise UsageError(f"--config {path}: {why_missing(p) if not p.exists() else 'not a file'}")
     data = read_yaml(p, f"--config {path}")
     if data is None:
         data = {}
@@ -246,10 +248,7 @@ def make_plan(s: CompareSettings) -> Plan:
             raise UsageError(f"--algorithms {a}: unknown; choose from {', '.join(losses.REGISTRY)}")
     if len(set(algorithms)) != len(algorithms):
         raise UsageError(f"--algorithms {','.join(algorithms)}: an algorithm is listed twice")
-    try:
-        seeds = [int(x) for x in _split_list(seeds if seeds is not None else "42", "--seeds")]
-    except ValueError:
-        raise UsageError(f"--seeds {seeds}: expected integers, e.g. 42,43,44") from None
+    seeds = [check_seed(x, "--seeds") for x in _split_list(seeds if seeds is not None else "42", "--seeds")]
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {seeds}: a seed is listed twice")
     if epochs is not None:

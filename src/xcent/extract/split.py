@@ -34,8 +34,10 @@ import os
 
 import numpy as np
 
+from ..data import check_int64_labels
 from ..errors import UsageError
 from ..fileio import atomic_dir, atomic_path, exclusive_lock, open_memmap_reserved, write_text_atomic
+from ..limits import check_fits, check_seed
 
 SPLITS = ("train", "val", "test")
 
@@ -216,6 +218,7 @@ def integer_labels(labels: np.ndarray, where: str) -> np.ndarray:
     """``labels`` as int64; float labels must be whole numbers (never truncated)."""
     labels = np.asarray(labels)
     if np.issubdtype(labels.dtype, np.integer):
+        check_int64_labels(labels, where)
         return labels.astype(np.int64, copy=False)
     if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.floating):
         raise UsageError(f"{where}: labels must be integers, found dtype {labels.dtype}")
@@ -223,6 +226,7 @@ def integer_labels(labels: np.ndarray, where: str) -> np.ndarray:
     if not whole.all():
         at = int(np.flatnonzero(~whole)[0])
         raise UsageError(f"{where}: label {labels[at]!r} (row {at}) is not a whole number; labels are class indices")
+    check_int64_labels(labels, where)
     return labels.astype(np.int64)
 
 
@@ -266,6 +270,10 @@ def make_split(
     num_classes = len(classes) if classes is not None else int(row_labels.max()) + 1
     if row_labels.max() >= num_classes:
         raise UsageError(f"--in: label {int(row_labels.max())} is beyond the {num_classes} lines of classes.txt")
+    if classes is None:  # the classes are 0..max label: per-class arrays (stratify, the trainer) follow from it
+        check_fits(8 * num_classes, f"--in: {in_dir}: label {num_classes - 1} asks for {num_classes} classes",
+                   "their per-class counts (8 bytes a class)")
+    seed = check_seed(seed)
     num_val = resolve_count(val_fraction, len(rows), "--val-fraction")
     num_test = resolve_count(test_fraction, len(rows), "--test-fraction")
     parts = split_rows(rows, row_labels, num_val, num_test, seed, stratify)
