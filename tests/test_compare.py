@@ -158,7 +158,8 @@ def test_interrupted_run_resumes_from_checkpoint(compared, data_dir, tmp_path, m
     shutil.copytree(compared, out)
     run = out / "bsgd_seed2"
     full = _jsonl(out, "bsgd_seed2")
-    (run / "checkpoints" / "epoch_2.pt").unlink()  # as if killed during epoch 2
+    (run / "checkpoints" / "epoch_2.pt").unlink()  # as if killed during epoch 2 (whose best.pt would not
+    (run / "checkpoints" / "best.pt").unlink()  # be written yet: the kept best is a resume point too)
     (run / "eval_bsgd_seed2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:2]))
     calls = _spy_train(monkeypatch)
     rc = compare_cli.compare_main(["--data-dir", str(data_dir), "--out-dir", str(out), "--algorithms", "scent,bsgd",

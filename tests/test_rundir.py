@@ -17,6 +17,7 @@ from xcent import cli
 from xcent.data import write_split
 from xcent.fileio import lock_path
 from xcent.rundir import RUN_CONFIG_KEYS, not_a_run, replaced_path
+from xcent.train import lr_at
 
 TESTS = Path(__file__).resolve().parent
 SRC = str(TESTS.parent / "src")
@@ -327,3 +328,150 @@ def test_file_outputs_replace_only_what_the_command_wrote(tmp_path, capsys):
                                  "--overwrite", "true"])
     assert code == 2 and len(err) == 1 and "not an xcent checkpoint" in err[0], err
     assert mine.read_text() == "a file of the user's"
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def relabel(data, split="train"):
+    """The same shapes, one label changed (a corrected annotation)."""
+    path = Path(data) / split / "labels.npy"
+    labels = np.load(path)
+    labels[len(labels) // 2] = (labels[len(labels) // 2] + 1) % 5
+    np.save(path, labels)
+
+
+def strip_key(ckpt, key):
+    """A checkpoint as an xcent before ``key`` existed wrote it."""
+    import torch
+
+    from xcent.modelio import save_atomic
+
+    state = torch.load(ckpt, weights_only=True)
+    assert key in state
+    del state[key]
+    save_atomic({k: v for k, v in state.items() if k != "checksums"}, ckpt)
+
+
+@pytest.mark.parametrize("change", ["train_labels", "train_features", "val_labels"])
+def test_resume_on_changed_data_is_refused_unless_allowed(tmp_path, capsys, change):
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "out"
+    assert cli.main(train_args(data, out, "r", "--epochs", 1)) == 0
+    if change == "train_features":  # other features, same shapes (another backbone, a rewritten file)
+        fresh = small_data(tmp_path / "other", seed=1)
+        np.save(data / "train" / "features.npy", np.load(fresh / "train" / "features.npy"))
+    else:
+        relabel(data, change.split("_")[0])
+    before = snapshot(out)
+    code, err = run_cli(capsys, train_args(data, out, "r", "--epochs", 2, "--resume", "latest"))
+    assert code == 2 and len(err) == 1, err
+    assert f"({change.replace('_', ' ')})" in err[0] and "--allow-changed-settings" in err[0], err
+    assert snapshot(out) == before
+    code, err = run_cli(capsys, train_args(data, out, "r", "--epochs", 2, "--resume", "latest",
+                                           "--allow-changed-settings"))
+    assert code == 0 and epochs_of(out / "r") == [0, 1, 2]
+    # from now on the checkpoints record the new data: a plain resume goes on
+    assert cli.main(train_args(data, out, "r", "--epochs", 3, "--resume", "latest")) == 0
+
+
+def test_checkpoints_without_a_fingerprint_still_resume(tmp_path, capsys):
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "out"
+    assert cli.main(train_args(data, out, "r", "--epochs", 1)) == 0
+    strip_key(out / "r" / "checkpoints" / "epoch_1.pt", "data_fingerprint")
+    (out / "r" / "checkpoints" / "best.pt").unlink()
+    capsys.readouterr()
+    assert cli.main(train_args(data, out, "r", "--epochs", 2, "--resume", "latest")) == 0
+    assert "records no fingerprint of its data" in capsys.readouterr().out
+    assert epochs_of(out / "r") == [0, 1, 2]
+
+
+def test_lr_auto_resumes_with_the_lr_it_chose(tmp_path, capsys):
+    """--lr auto on resume is the lr the run's search chose, also for a checkpoint that does not record
+    that the search chose it (the run's config.yaml says lr: auto); a run given its lr is not."""
+    import torch
+
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "out"
+    auto = [a for a in train_args(data, out, "r") if a != "0.5"]
+    auto[auto.index("--lr") + 1:auto.index("--lr") + 1] = ["auto"]
+    assert cli.main([*auto, "--epochs", "1"]) == 0
+    chosen = torch.load(out / "r" / "checkpoints" / "epoch_1.pt", weights_only=True)["config"]["lr"]
+    assert isinstance(chosen, float)
+    assert cli.main([*auto, "--epochs", "2", "--resume", "latest"]) == 0
+    strip_key(out / "r" / "checkpoints" / "epoch_2.pt", "lr_search")
+    (out / "r" / "checkpoints" / "best.pt").unlink()
+    assert cli.main([*auto, "--epochs", "3", "--resume", "latest"]) == 0
+    records = [json.loads(line) for line in (out / "r" / "eval_r.jsonl").read_text().splitlines()]
+    # the chosen lr's cosine: epoch 2 of a 2-epoch run, then epoch 3 of a 3-epoch run
+    assert [r["lr"] for r in records[2:]] == pytest.approx([lr_at(2, 2, chosen), lr_at(3, 3, chosen)], rel=1e-12)
+    assert yaml.safe_load((out / "r" / "config.yaml").read_text())["lr"] == "auto"
+    assert cli.main(train_args(data, out, "given", "--epochs", 1)) == 0
+    code, err = run_cli(capsys, [*[a if a != "r" else "given" for a in auto], "--epochs", 2, "--resume", "latest"])
+    assert code == 2 and "--lr 0.5 (run) vs auto (now)" in err[0], err
+
+
+def test_compare_with_lr_auto_resumes_an_interrupted_run(tmp_path, capsys):
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "cmp"
+    args = [a if a != "0.5" else "auto" for a in compare_args(data, out)]
+    args[args.index("--epochs") + 1] = "2"
+    assert cli.main(args) == 0
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    for name in ("epoch_2.pt", "best.pt"):  # killed during epoch 2
+        (run / "checkpoints" / name).unlink()
+    jsonl = run / f"eval_{run.name}.jsonl"
+    jsonl.write_text("".join(jsonl.read_text().splitlines(keepends=True)[:2]))
+    assert cli.main(args) == 0
+    assert epochs_of(run) == [0, 1, 2] and not (run / "compare_failed.json").exists()
+
+
+def interrupt(proc) -> int:
+    """Ctrl-C: SIGINT to the paused process."""
+    proc.send_signal(2)
+    proc.communicate(timeout=120)
+    return proc.returncode
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_a_start_interrupted_before_its_first_epoch_checkpoint_has_one_story(tmp_path, capsys, keep_best):
+    """Ctrl-C after the epoch-0 record, before epoch_1.pt. With the kept best (saved at epoch 0) the run
+    resumes from its start and the plain command calls it a run; without it, there is nothing to
+    resume and the plain command starts it afresh (before, --resume said "no checkpoint" and the plain
+    command "already holds a run")."""
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "out"
+    flags = ["--epochs", 2] + ([] if keep_best else ["--no-keep-best"])
+    proc = start_paused("best:0" if keep_best else "record:0", train_args(data, out, "r", *flags))
+    assert interrupt(proc) != 0
+    assert epochs_of(out / "r") == [0] and not (out / "r" / "checkpoints" / "epoch_1.pt").exists()
+    if keep_best:
+        code, err = run_cli(capsys, train_args(data, out, "r", *flags))
+        assert code == 2 and "already holds a run" in err[0], err
+        assert cli.main(train_args(data, out, "r", *flags, "--resume", "latest")) == 0
+    else:
+        code, err = run_cli(capsys, train_args(data, out, "r", *flags, "--resume", "latest"))
+        assert code == 2 and "no checkpoint" in err[0] and "without --resume" in err[0], err
+        assert cli.main(train_args(data, out, "r", *flags)) == 0
+    assert epochs_of(out / "r") == [0, 1, 2] and not replaced_path(out / "r").exists()
+
+
+def test_resume_from_a_best_checkpoint_of_epoch_0_logs_epoch_0_once(tmp_path, capsys):
+    """Going back to the kept best of epoch 0 (val loss only rose after it) and training on."""
+    import torch
+
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "out"
+    assert cli.main(train_args(data, out, "r", "--epochs", 2)) == 0
+    best = out / "r" / "checkpoints" / "best.pt"
+    assert torch.load(best, weights_only=True)["epoch"] == 0  # the setting of this test, checked
+    assert cli.main(train_args(data, out, "r", "--epochs", 2, "--resume", best)) == 0
+    assert epochs_of(out / "r") == [0, 1, 2]
+
+
+def test_divergence_names_the_kept_best_checkpoint(tmp_path, capsys):
+    data = small_data(tmp_path / "data")
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, train_args(data, out, "r", "--epochs", 2, "--lr", 1e6, "--algorithm", "sox"))
+    assert code == 3 and f"Last good checkpoint: {out / 'r' / 'checkpoints' / 'best.pt'}" in err[-1], err

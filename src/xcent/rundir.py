@@ -20,7 +20,15 @@
   past the checkpoint being resumed; both are dropped and reported.
 * :func:`changed_settings`: the settings of ``--resume`` that differ from the run's,
   refused unless ``--allow-changed-settings``. ``--epochs`` may grow (see
-  docs/reliability.md for how the cosine schedule follows).
+  docs/reliability.md for how the cosine schedule follows). ``--lr auto`` is the lr the
+  run's search chose (:func:`searched_lr`).
+* :func:`data_fingerprint` / :func:`changed_data`: what a checkpoint records of the
+  data it was trained on (sizes, a hash of the labels, a hash of evenly spaced feature
+  rows), so a resume on changed data is refused instead of mixing two datasets in one
+  log.
+* :func:`resume_point`: the checkpoint ``--resume latest`` continues from, the newest
+  of the epoch checkpoints and the kept best one; a run directory holds a run to
+  continue exactly when it has one.
 """
 
 from __future__ import annotations
@@ -283,3 +291,104 @@ def changed_settings(saved: dict, current: dict, hparam_keys=()) -> list[tuple[s
 def describe_changes(changed: list[tuple[str, object, object]]) -> str:
     """``--lr 2.0 (run) vs 3.0 (now), --seed 1 (run) vs 2 (now)``."""
     return ", ".join(f"--{key.replace('_', '-')} {old} (run) vs {new} (now)" for key, old, new in changed)
+
+
+def searched_lr(ckpt: dict, run_config) -> float | None:
+    """The learning rate that ``--lr auto`` chose for the run of ``ckpt``, or None when
+    the run was given its lr. Checkpoints record whether the search chose it
+    (``lr_search``); for older ones the run's ``config.yaml`` (``run_config``, written
+    before the search, so it says ``lr: auto``) tells."""
+    lr = ckpt.get("config", {}).get("lr")
+    if "lr_search" in ckpt:
+        return lr if ckpt["lr_search"] else None
+    config = written_config(run_config)
+    return lr if config is not None and config.get("lr") == "auto" else None
+
+
+# ----------------------------------------------------------------------------- the data of a run
+
+#: feature rows hashed per split (evenly spaced, the first and the last included)
+FINGERPRINT_ROWS = 1024
+
+
+def split_fingerprint(split) -> dict:
+    """A cheap fingerprint of one split (:class:`xcent.data.Split`): its size and feature
+    dim, the features' dtype, a BLAKE2b hash of all labels and one of
+    :data:`FINGERPRINT_ROWS` evenly spaced feature rows as stored. Reads 8 bytes a row
+    (the labels are in memory) and 1,024 feature rows; a relabelled row anywhere, new
+    features (another backbone, a rewritten file) or reordered rows change it."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    n = split.num_samples
+    rows = np.unique(np.linspace(0, max(n - 1, 0), num=min(n, FINGERPRINT_ROWS)).round().astype(np.int64))
+    feats, _ = split.gather(torch.from_numpy(rows))
+    feats = feats.contiguous()
+    labels = hashlib.blake2b(split.labels.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+    features = hashlib.blake2b(feats.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+    return {"rows": n, "feature_dim": split.feature_dim, "dtype": str(feats.dtype).replace("torch.", ""),
+            "labels": labels, "features": features}
+
+
+def data_fingerprint(data) -> dict:
+    """:func:`split_fingerprint` of every split of ``data`` (:class:`xcent.data.Dataset`)."""
+    return {name: split_fingerprint(split) for name, split in data.splits.items()}
+
+
+def changed_data(saved: dict, current: dict) -> list[str]:
+    """What differs between two :func:`data_fingerprint` s, one phrase each
+    (``train labels``, ``val rows 20 (run) vs 25 (now)``, ``test split added``)."""
+    order = {"train": 0, "val": 1, "test": 2}
+    changes = []
+    for name in sorted(set(saved) | set(current), key=lambda n: (order.get(n, 3), n)):
+        if name not in current:
+            changes.append(f"{name} split gone")
+        elif name not in saved:
+            changes.append(f"{name} split added")
+        else:
+            old, new = saved[name], current[name]
+            if old.get("rows") != new["rows"]:
+                changes.append(f"{name} rows {old.get('rows')} (run) vs {new['rows']} (now)")
+            elif old.get("labels") != new["labels"]:
+                changes.append(f"{name} labels")
+            if any(old.get(k) != new[k] for k in ("feature_dim", "dtype", "features")):
+                changes.append(f"{name} features")
+    return changes
+
+
+# ----------------------------------------------------------------------------- where a run goes on
+
+
+def _saved_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint (file or sharded directory) was saved at, read from its
+    metadata alone; None if it cannot be read (it is then not a resume point)."""
+    import torch
+
+    from .modelio import MANIFEST
+
+    try:
+        meta = torch.load(path / MANIFEST if path.is_dir() else path, map_location="cpu", mmap=True,
+                          weights_only=True)
+        epoch = meta.get("epoch") if isinstance(meta, dict) else None
+    except Exception:  # noqa: BLE001 - a damaged file of any kind is not a resume point
+        return None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+def resume_point(checkpoints) -> Path | None:
+    """The checkpoint ``--resume latest`` continues from: the newest ``epoch_K``
+    checkpoint, or the kept best one (``best.pt``/``best/``) when it is newer (saved at
+    epoch 0, or between ``--save-frequency`` checkpoints: it holds the same state as an
+    epoch checkpoint of its epoch). None when the run has neither."""
+    from .modelio import BEST_NAMES, epoch_checkpoints
+
+    checkpoints = Path(checkpoints)
+    found = epoch_checkpoints(checkpoints)
+    best = next((checkpoints / n for n in BEST_NAMES if (checkpoints / n).exists()), None)
+    if best is not None:
+        epoch = _saved_epoch(best)
+        if epoch is not None and (not found or epoch > found[-1][0]):
+            return best
+    return found[-1][1] if found else None

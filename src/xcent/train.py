@@ -38,13 +38,17 @@ from .losses import build
 from .losses import get as get_algorithm
 from .rundir import (
     Replacement,
+    changed_data,
     changed_settings,
     check_aside,
+    data_fingerprint,
     describe_changes,
     holds_nothing,
     read_records,
     recover_replaced,
     refuse_non_run,
+    resume_point,
+    searched_lr,
 )
 from .step import LazySGD, StepMonitor, train_step
 
@@ -106,7 +110,10 @@ class RunDir:
         self.log = self.path / "out.log"
 
     def holds_run(self) -> bool:
-        return self.jsonl.exists() or bool(ckpt_io.epoch_checkpoints(self.checkpoints))
+        """A run to continue: it has a checkpoint to resume from (:func:`xcent.rundir.resume_point`).
+        A start stopped before any checkpoint holds nothing to continue: the plain command
+        starts it afresh (its remains kept aside until the new run's first checkpoint)."""
+        return resume_point(self.checkpoints) is not None
 
     def read_jsonl(self, upto_epoch: int | None = None, path: Path | None = None) -> list[dict]:
         """The epoch records (or those of ``path``) up to ``upto_epoch``; a torn last line
@@ -294,20 +301,24 @@ TABLE_HEADER = (
 )
 
 
-def _meta(engine, loss_fn, epoch, best, c, data) -> dict:
+def _meta(engine, loss_fn, epoch, best, c, data, provenance) -> dict:
+    """A checkpoint's metadata. ``provenance`` (:func:`_train_loop`): ``lr_search``, whether the
+    config's lr is the one ``--lr auto`` chose (:func:`xcent.rundir.searched_lr`), and
+    ``data_fingerprint``, checked when the run is resumed (:func:`xcent.rundir.changed_data`)."""
     return {
         "format": ckpt_io.FORMAT, "nu": loss_fn.nu.detach().cpu(), "nu_set": loss_fn.nu_set.detach().cpu(),
         "epoch": epoch, "best": dict(best), "algorithm": c.algorithm, "num_classes": data.num_classes,
         "feature_dim": data.feature_dim, "num_samples": data.train.num_samples, "config": c.to_dict(),
         "rng_state": torch.get_rng_state(), "world_size": engine.world_size,
+        "lr_search": bool(provenance["lr_search"]), "data_fingerprint": provenance["data_fingerprint"],
     }
 
 
-def _save(run: RunDir, engine, loss_fn, epoch, best, c, data) -> Path:
-    return engine.save(run, epoch, _meta(engine, loss_fn, epoch, best, c, data))
+def _save(run: RunDir, engine, loss_fn, epoch, best, c, data, provenance) -> Path:
+    return engine.save(run, epoch, _meta(engine, loss_fn, epoch, best, c, data, provenance))
 
 
-def _keep_best(run: RunDir, engine, loss_fn, metrics: dict, best: dict, c, data) -> None:
+def _keep_best(run: RunDir, engine, loss_fn, metrics: dict, best: dict, c, data, provenance) -> None:
     """``--keep-best``: save ``checkpoints/best`` when ``--best-by`` improves (the
     first record, epoch 0 included, always does)."""
     key = c.best_by
@@ -316,7 +327,7 @@ def _keep_best(run: RunDir, engine, loss_fn, metrics: dict, best: dict, c, data)
         return
     best.update(kept_value=value, kept_epoch=metrics["epoch"], kept_by=key)
     epoch = metrics["epoch"]
-    engine.save(run, epoch, _meta(engine, loss_fn, epoch, best, c, data), name="best")
+    engine.save(run, epoch, _meta(engine, loss_fn, epoch, best, c, data, provenance), name="best")
 
 
 #: --lr auto reads the search's training rows once when they hold at most this many
@@ -477,6 +488,25 @@ def _train(c, data, device, ctx, echo, run) -> dict:
     return _train_locked(c, data, device, ctx, echo, run, is_main)
 
 
+def _check_resumed_data(c, ckpt: dict, path, fingerprint: dict, echo) -> None:
+    """Resume only on the data the run was trained on (its checkpoint's fingerprint,
+    :func:`xcent.rundir.changed_data`), unless ``--allow-changed-settings``; a
+    checkpoint saved before fingerprints were recorded resumes, and says so."""
+    saved = ckpt.get("data_fingerprint")
+    if not isinstance(saved, dict):
+        if echo is not None:
+            echo(f"xcent train: {path} records no fingerprint of its data (saved by an older xcent or imported): "
+                 f"the data cannot be checked against the run's; checkpoints from now on record it")
+        return
+    changes = changed_data(saved, fingerprint)
+    if changes and not c.allow_changed_settings:
+        raise UsageError(f"--resume {path}: --data-dir {c.data_dir} differs from the data the run was trained on "
+                         f"({', '.join(changes)}); resuming would mix two datasets in one log: pass "
+                         f"--allow-changed-settings to resume on it anyway")
+    if changes and echo is not None:
+        echo(f"xcent train: resuming on changed data ({', '.join(changes)}), as --allow-changed-settings asks")
+
+
 def _has_checkpoint(path: Path) -> bool:
     return bool(ckpt_io.epoch_checkpoints(Path(path) / "checkpoints"))
 
@@ -492,16 +522,26 @@ def _train_locked(c, data, device, ctx, echo, run, is_main) -> dict:
     # writes only its own files: other files beside them may stay)
     refuse_non_run(run.path, others_ok=bool(c.resume))
     resume_ckpt, resume_path = None, None
+    # what every checkpoint records of the data, checked on resume (every rank: a refusal
+    # must not leave the others waiting)
+    provenance = {"data_fingerprint": data_fingerprint(data), "lr_search": c.lr == "auto"}
     if c.resume:
-        resume_path = ckpt_io.latest(run.checkpoints) if c.resume == "latest" else Path(c.resume)
+        resume_path = resume_point(run.checkpoints) if c.resume == "latest" else Path(c.resume)
         if resume_path is None:
-            raise UsageError(f"--resume latest: no checkpoint in {run.checkpoints}")
+            raise UsageError(f"--resume latest: no checkpoint in {run.checkpoints}: the run stopped before its "
+                             f"first; run the command without --resume to start it afresh")
         resume_ckpt = ckpt_io.load(resume_path, mmap=True, weight=False)  # the engine reads its rows
         ckpt_io.check_compatible(resume_ckpt, resume_path, c.algorithm, data.num_classes, data.feature_dim,
                                  data.train.num_samples)
         if resume_ckpt["epoch"] >= c.epochs:
             raise UsageError(f"--resume {resume_path}: already at epoch {resume_ckpt['epoch']} "
                              f"of --epochs {c.epochs}")
+        _check_resumed_data(c, resume_ckpt, resume_path, provenance["data_fingerprint"], echo if is_main else None)
+        # --lr auto is the lr the run's search chose (the search is not run again)
+        searched = searched_lr(resume_ckpt, run.config)
+        if c.lr == "auto" and searched is not None:
+            c = c.replace(lr=searched)
+        provenance["lr_search"] = searched is not None and c.lr == searched
         changed = changed_settings(resume_ckpt["config"], c.to_dict(), get_algorithm(c.algorithm).keys)
         if changed and not c.allow_changed_settings:
             raise UsageError(f"--resume {resume_path}: settings differ from the run's: {describe_changes(changed)}; "
@@ -537,12 +577,14 @@ def _train_locked(c, data, device, ctx, echo, run, is_main) -> dict:
                 replacement.begin()
             run.path.mkdir(parents=True, exist_ok=True)
             ckpt_io.clean_stale_temp(run.checkpoints)
-            # config.yaml first: from the first entry on, the directory reads as a run (not_a_run)
-            write_text_atomic(run.config, yaml.safe_dump(c.to_dict(), sort_keys=False))
+            # config.yaml first: from the first entry on, the directory reads as a run (not_a_run);
+            # it keeps `lr: auto` for a searched lr (the command as given; checkpoints hold the lr)
+            written = {**c.to_dict(), **({"lr": "auto"} if provenance["lr_search"] else {})}
+            write_text_atomic(run.config, yaml.safe_dump(written, sort_keys=False))
             handler = _attach_log_file(run.log)
         if ctx is not None:
             ctx.barrier()
-        return _train_loop(c, data, engine, run, resume_ckpt, echo,
+        return _train_loop(c, data, engine, run, resume_ckpt, provenance, echo,
                            on_saved=replacement.commit if replacement is not None else None)
     except BaseException:
         if replacement is not None:
@@ -558,14 +600,15 @@ def _train_locked(c, data, device, ctx, echo, run, is_main) -> dict:
             handler.close()
 
 
-def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo, on_saved=None) -> dict:
+def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, provenance: dict, echo,
+                on_saved=None) -> dict:
+    """``provenance``: what every checkpoint records of the run's start and data (``lr_search``,
+    ``data_fingerprint``), added to :func:`_meta`."""
     num_samples, batch_size = data.train.num_samples, c.batch_size
     is_main = engine.is_main
     subset = train_subset(num_samples, c.train_eval_size, c.seed)
     if resume_ckpt is None:
         c = _prepare_start(c, data, engine, subset, run, echo)
-    elif c.lr == "auto":  # the lr the search chose when the run started
-        c = c.replace(lr=resume_ckpt["config"]["lr"])
     loss_fn = build_loss(c, num_samples)
     if resume_ckpt is not None:
         loss_fn.load_state_dict({"nu": resume_ckpt["nu"], "nu_set": resume_ckpt["nu_set"]})
@@ -591,7 +634,7 @@ def _train_loop(c, data: Dataset, engine, run: RunDir, resume_ckpt, echo, on_sav
     epoch_log, step_log = _loggers(c, run, is_main, steps_per_epoch, start_epoch)
     try:
         return _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, steps_per_epoch,
-                       epoch_log, step_log, echo, on_saved)
+                       epoch_log, step_log, echo, provenance, on_saved)
     finally:
         epoch_log.close()
         step_log.close()
@@ -684,14 +727,14 @@ def outcome_line(last: dict, best: dict, keep_best: bool) -> str | None:
 
 def _diverged(bar, run: RunDir, c, epoch: int, step: int, lr: float):
     bar.close()
-    last = ckpt_io.latest(run.checkpoints)
+    last = resume_point(run.checkpoints)
     raise DivergenceError(
         f"training diverged at epoch {epoch}, step {step} ({c.algorithm}, lr {lr:.4g}): "
         f"non-finite loss or weights; lower --lr. Last good checkpoint: {last or 'none'}")
 
 
 def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, steps_per_epoch, epoch_log,
-            step_log, echo, on_saved=None) -> dict:
+            step_log, echo, provenance, on_saved=None) -> dict:
     num_samples, batch_size, epochs, is_main = data.train.num_samples, c.batch_size, c.epochs, engine.is_main
     every = c.log_every_steps  # on every rank: a step-log step is a check step, a collective under torchrun
     threads = ThreadPolicy(c.threads, device=engine.device)
@@ -709,16 +752,18 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
         records.append(record)
         echo(_format_row(record))
 
-    if start_epoch == 1:  # epoch 0: the initial model, so curves start at log C
+    # epoch 0: the initial model, so curves start at log C; not again when resuming from a
+    # checkpoint of epoch 0 (the kept best one) whose record the log holds
+    if start_epoch == 1 and not records:
         with threads.evaluation(data.feature_dim, eval_flops):
             metrics, eval_s = _epoch_metrics(data, engine, subset, None)
             metrics["epoch"] = 0
             eval_s += _update_best(best, metrics, data, engine)
         best.update(start_val_loss=metrics["val_loss"], start_val_acc=metrics["val_acc"])
-        if c.keep_best:
-            _keep_best(run, engine, loss_fn, metrics, best, c, data)
         finish_epoch({"epoch": 0, **metrics, "lr": 0.0, "epoch_seconds": 0.0, "samples_per_second": 0.0,
                       "skipped_steps": 0, "eval_seconds": eval_s})
+        if c.keep_best:  # after the record: a checkpoint's epoch is always in the log
+            _keep_best(run, engine, loss_fn, metrics, best, c, data, provenance)
 
     from tqdm.auto import tqdm
 
@@ -780,18 +825,18 @@ def _epochs(c, data, engine, run, loss_fn, start_epoch, best, records, subset, s
                 # before logging or saving: the last checkpoint is always one that passed the rule
                 raise DivergenceError(
                     f"training diverged at epoch {epoch} ({c.algorithm}, lr {lr:.4g}): {why}; lower --lr. "
-                    f"Last good checkpoint: {ckpt_io.latest(run.checkpoints) or 'none'}")
+                    f"Last good checkpoint: {resume_point(run.checkpoints) or 'none'}")
             eval_s += _update_best(best, metrics, data, engine)
-        if c.keep_best:
-            _keep_best(run, engine, loss_fn, metrics, best, c, data)
         if skipped and is_main:
             log.warning("epoch %d: %d step(s) skipped (batch with a single label)", epoch, skipped)
         finish_epoch({"epoch": epoch, **metrics, **_against_start(metrics, best, records), "lr": lr,
                       "surrogate_loss": float(surrogate_sum) / max(steps, 1), "epoch_seconds": train_seconds,
                       "samples_per_second": num_samples / max(train_seconds, 1e-9),
                       "skipped_steps": skipped, "eval_seconds": eval_s})
+        if c.keep_best:  # after the record: a checkpoint's epoch is always in the log
+            _keep_best(run, engine, loss_fn, metrics, best, c, data, provenance)
         if epoch % c.save_frequency == 0 or epoch == epochs:
-            _save(run, engine, loss_fn, epoch, best, c, data)
+            _save(run, engine, loss_fn, epoch, best, c, data, provenance)
             if on_saved is not None and is_main:
                 on_saved()  # --overwrite: the replaced run may go now
                 on_saved = None

@@ -23,7 +23,7 @@ from pathlib import Path
 from .. import losses
 from ..errors import UsageError
 from ..fileio import OutputInUse, foreign_entry, write_text_atomic
-from ..rundir import not_a_run, refuse_non_run
+from ..rundir import not_a_run, refuse_non_run, resume_point
 from .plan import Plan, RunSpec, train_config
 from .report import FAILED_FILE, read_records
 
@@ -81,9 +81,7 @@ def run_state(spec: RunSpec, out_dir: Path) -> str:
     records = read_records(run.jsonl) if run.jsonl.exists() else []
     if records and records[-1]["epoch"] >= spec.config["epochs"]:
         return "done"
-    from .. import modelio as ckpt_io
-
-    if ckpt_io.latest(run.checkpoints) is not None:
+    if resume_point(run.checkpoints) is not None:
         return "resume"
     refuse_non_run(run.path, "xcent compare")  # restarted with --overwrite: everything in it must be xcent's
     return "partial" if run.holds_run() else "new"
@@ -121,7 +119,6 @@ def check_out_dir(out_dir: Path) -> None:
 
 def execute(plan: Plan, echo=print) -> dict[str, str]:
     """Run the plan in sequence; returns run name -> final state (done / failed)."""
-    from .. import modelio as ckpt_io
     from .. import train as train_mod
     from ..train import RunDir
 
@@ -142,7 +139,7 @@ def execute(plan: Plan, echo=print) -> dict[str, str]:
             echo(f"[{i}/{len(plan.runs)}] {spec.name}: failed before, skipped (--retry-failed reruns it)")
             continue
         (run.path / FAILED_FILE).unlink(missing_ok=True)
-        resume = ckpt_io.latest(run.checkpoints) is not None
+        resume = resume_point(run.checkpoints) is not None
         argv_run = spec.argv + (["--resume", "latest"] if resume else ["--overwrite", "true"])
         echo(f"[{i}/{len(plan.runs)}] {spec.name}: {'resuming' if resume else 'training'}")
         try:
