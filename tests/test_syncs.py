@@ -394,6 +394,6 @@ def test_trainer_check_interval_changes_nothing(tmp_path, capsys):
         saved = sorted(f.name for f in (tmp_path / name).glob("checkpoints/*"))
         outputs[every] = ([(r["batch"], r["loss"]) for r in steps], saved)
     assert f"training diverged at epoch 1, step {bad_step} (asgd" in errors[1], errors[1]
-    assert errors[1] == errors[100]
+    assert errors[1] == errors[100].replace("every100", "every1")  # the last good checkpoint is in its run
     assert outputs[1][0] == outputs[100][0] and all(b < bad_step - 1 for b, _ in outputs[1][0])
     assert outputs[1][1] == outputs[100][1]
