@@ -300,12 +300,12 @@ def test_compare_config_with_anchors_still_works(tmp_path):
     assert [r.config["lr"] for r in plan.runs] == [3.0, 3.0]
 
 
-def test_every_parser_reads_yaml_through_the_bounded_loader():
+def test_every_parser_reads_yaml_and_json_through_the_bounded_loaders():
     src = Path(__file__).resolve().parents[1] / "src" / "xcent"
     offenders = [str(p.relative_to(src)) for p in src.rglob("*.py") if p.name != "yamlio.py"
                  and (re.search(r"\bArgumentParser\(", p.read_text())
-                      or re.search(r"yaml\.(safe_)?load\(|yaml\.load\(", p.read_text()))]
-    assert offenders == [], "parse through xcent.yamlio.argument_parser and read YAML with xcent.yamlio"
+                      or re.search(r"yaml\.(safe_)?load\(|yaml\.load\(|json\.loads?\(", p.read_text()))]
+    assert offenders == [], "parse through xcent.yamlio.argument_parser and read YAML/JSON with xcent.yamlio"
 
 
 def test_config_file_too_large_is_refused_before_reading(tmp_path, capsys):
@@ -369,3 +369,60 @@ def test_symbolic_link_loops_are_named_as_such(tmp_path, capsys):
     one_line(code, err, f"--config {config}", "symbolic link loop")
     code, err = run(capsys, ["train", "--data-dir", data, "--config", tmp_path / "missing.yaml"])
     one_line(code, err, "missing.yaml", "no such file")
+
+
+# ----------------------------------------------------------------------------- more numbers, JSON
+
+
+@pytest.mark.parametrize("setting,needle", [
+    ("weight_decay: .inf", "--weight-decay inf"),
+    ("dist_timeout: .inf", "--dist-timeout inf"),
+    ("dist_timeout: -5", "--dist-timeout -5"),
+])
+def test_train_floats_out_of_range_in_a_config(tmp_path, capsys, setting, needle):
+    data = make_data(tmp_path / "data")
+    config = tmp_path / "c.yaml"
+    config.write_text(setting + "\n")
+    code, err = run(capsys, train_args(data, tmp_path / "out", "--config", config))
+    one_line(code, err, needle)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--noise", "1e308"], "overflow float32"),
+    (["--noise", "-1"], "--noise -1"),
+    (["--feature-norm", "1e6", "--dtype", "float16"], "overflow float16"),
+    (["--config", "TAIL"], "--tail-exponent"),
+])
+def test_synth_never_writes_features_the_reader_refuses(tmp_path, capsys, flags, needle):
+    (tmp_path / "tail.yaml").write_text("tail_exponent: -1.0e+308\n")
+    flags = [str(tmp_path / "tail.yaml") if f == "TAIL" else f for f in flags]
+    code, err = run(capsys, ["synth", "--out", tmp_path / "s", "--num-classes", 10, "--num-samples", 100, *flags])
+    one_line(code, err, needle)
+    assert not (tmp_path / "s").exists()
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_json_in_a_run_log_is_damage_not_a_traceback(tmp_path, capsys):
+    data = make_data(tmp_path / "data")
+    assert xcent(*train_args(data, tmp_path / "out", "--epochs", 2)) == 0
+    log = tmp_path / "out" / "scent" / "eval_scent.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], DEEP_JSON, *lines[1:]]) + "\n")
+    code, err = run(capsys, train_args(data, tmp_path / "out", "--epochs", 3, "--resume", "latest"))
+    one_line(code, err, str(log), "line 2")
+    # a comparison's compare.json read by xcent plot, and a file at predict's --out
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "compare.json").write_text(DEEP_JSON)
+    code, err = run(capsys, ["plot", tmp_path / "cmp", "--out", tmp_path / "fig.png"])
+    one_line(code, err, "compare.json")
+    ref = reference_checkpoint(tmp_path / "ref.pt")
+    assert xcent("import", "--checkpoint", ref, "--algorithm", "scent", "--out", tmp_path / "x.pt") == 0
+    np.save(tmp_path / "f.npy", np.zeros((3, 6), dtype=np.float32))
+    (tmp_path / "p.jsonl").write_text(DEEP_JSON + "\n")
+    code, err = run(capsys, ["predict", "--checkpoint", tmp_path / "x.pt", "--features", tmp_path / "f.npy",
+                             "--out", tmp_path / "p.jsonl"])
+    one_line(code, err, "p.jsonl")
+    assert (tmp_path / "p.jsonl").read_text() == DEEP_JSON + "\n"

@@ -23,6 +23,7 @@ jsonargparse's ``ActionYesNo``: ``--overwrite``, ``--overwrite true|false`` and
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from typing import Literal, Optional, Union
 from . import losses
 from .device import parse_threads
 from .errors import UsageError
-from .limits import MAX_EPOCHS, check_seed, seed_type
+from .limits import MAX_EPOCHS, MAX_TIMEOUT_SECONDS, check_seed, seed_type
 from .loggers import check_available
 from .rundir import check_run_name
 
@@ -358,8 +359,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise UsageError(f"--warmup-epochs {c.warmup_epochs}: must be in [0, --epochs)")
     if not 0.0 <= c.momentum < 1.0:
         raise UsageError(f"--momentum {c.momentum}: must be in [0, 1)")
-    if c.weight_decay < 0.0:
-        raise UsageError(f"--weight-decay {c.weight_decay}: must be >= 0")
+    if not (c.weight_decay >= 0.0 and math.isfinite(c.weight_decay)):
+        raise UsageError(f"--weight-decay {c.weight_decay}: must be a number >= 0")
+    if not 0.0 < c.dist_timeout <= MAX_TIMEOUT_SECONDS:
+        raise UsageError(f"--dist-timeout {c.dist_timeout}: must be a number of seconds in "
+                         f"(0, {MAX_TIMEOUT_SECONDS:g}]")
     names = [n.strip().lower() for n in str(c.logger).split(",") if n.strip()]
     for n in names:
         if n not in LOGGERS:

@@ -387,6 +387,13 @@ def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samp
         asked = f"--rows-per-class {rows_per_class} x --num-classes {num_classes}, --feature-dim {feature_dim}"
     if not (feature_norm > 0 and math.isfinite(feature_norm)):
         raise UsageError(f"--feature-norm {feature_norm}: must be a positive number")
+    if not (noise >= 0 and math.isfinite(noise)):
+        raise UsageError(f"--noise {noise}: must be a number >= 0")
+    np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
+    if np_dtype is None:
+        raise UsageError(f"--dtype {dtype}: expected float32 or float16")
+    if not math.isfinite(tail_exponent):
+        raise UsageError(f"--tail-exponent {tail_exponent}: must be a finite number")
     if num_classes < 2 or feature_dim < 1 or num_samples < num_classes:
         raise UsageError("synth needs --num-classes >= 2, --feature-dim >= 1 and --num-samples >= --num-classes")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -394,10 +401,13 @@ def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samp
     # the rows and the centroids are made in memory (float32), then written
     check_fits(4 * (num_samples + num_classes) * feature_dim + 16 * num_samples + 8 * num_classes, asked,
                "the dataset, made in memory before it is written,")
+    with np.errstate(over="ignore"):
+        share = (np.arange(num_classes) + 1.0) ** -float(tail_exponent)
+    if not np.isfinite(share).all():
+        raise UsageError(f"--tail-exponent {tail_exponent}: the class shares rank^-exponent overflow")
     rng = np.random.default_rng(seed)
     centroids = rng.standard_normal((num_classes, feature_dim)).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    share = (np.arange(num_classes) + 1.0) ** -tail_exponent
     extra = rng.multinomial(num_samples - num_classes, share / share.sum())
     counts = extra + 1
     # class ids are a random permutation of popularity ranks, so id says nothing of size
@@ -406,16 +416,19 @@ def synthesize(out_dir, num_classes: int = 1000, feature_dim: int = 64, num_samp
     features = np.empty((num_samples, feature_dim), dtype=np.float32)
     for start in range(0, num_samples, 1 << 16):
         stop = min(start + (1 << 16), num_samples)
-        noise_block = rng.standard_normal((stop - start, feature_dim)).astype(np.float32) * (
-            noise / math.sqrt(feature_dim)
-        )
-        block = centroids[labels[start:stop]] + noise_block
-        if normalize:
-            block /= np.linalg.norm(block, axis=1, keepdims=True)
-        features[start:stop] = block * feature_norm if feature_norm != 1.0 else block
-    np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
-    if np_dtype is None:
-        raise UsageError(f"--dtype {dtype}: expected float32 or float16")
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is looked for below
+            noise_block = rng.standard_normal((stop - start, feature_dim)).astype(np.float32) * (
+                noise / math.sqrt(feature_dim)
+            )
+            block = centroids[labels[start:stop]] + noise_block
+            if normalize:
+                block /= np.linalg.norm(block, axis=1, keepdims=True)
+            block = block * feature_norm if feature_norm != 1.0 else block
+            finite = np.isfinite(block.astype(np_dtype)).all()
+        if not finite:  # what is written must be what the reader accepts
+            raise UsageError(f"--noise {noise}, --feature-norm {feature_norm}, --dtype {dtype}: the features "
+                             f"overflow {dtype} (a value beyond its range, or NaN); lower --feature-norm or --noise")
+        features[start:stop] = block
     num_val, num_test = int(round(val_fraction * num_samples)), int(round(test_fraction * num_samples))
     num_train = num_samples - num_val - num_test
     bounds = {"train": (0, num_train), "val": (num_train, num_train + num_val),

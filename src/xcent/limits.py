@@ -28,13 +28,16 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["MAX_EPOCHS", "MAX_SEED", "Seed", "check_fits", "check_seed", "check_weight_fits", "format_bytes",
-           "memory_limit", "seed_type"]
+__all__ = ["MAX_EPOCHS", "MAX_SEED", "MAX_TIMEOUT_SECONDS", "Seed", "check_fits", "check_seed", "check_weight_fits",
+           "format_bytes", "memory_limit", "seed_type"]
 
 #: the largest seed (numpy's legacy range: 32 bits)
 MAX_SEED = 2**32 - 1
 #: the most epochs of a run (and the largest epoch a checkpoint may record): a million passes
 MAX_EPOCHS = 1_000_000
+#: the longest ``--dist-timeout`` (about 31 years; a timedelta or a collective's
+#: millisecond timeout overflows far beyond it)
+MAX_TIMEOUT_SECONDS = 1e9
 
 
 def _seed_problem(value) -> tuple[int | None, str]:

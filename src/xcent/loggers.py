@@ -28,6 +28,7 @@ from typing import Protocol
 
 from .errors import UsageError
 from .fileio import append_line_durable
+from .yamlio import load_json
 
 __all__ = ["MetricLogger", "JsonlLogger", "TensorBoardLogger", "MultiLogger", "check_available", "read_jsonl"]
 
@@ -47,7 +48,7 @@ def read_jsonl(path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [load_json(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class JsonlLogger:

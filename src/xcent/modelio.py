@@ -53,6 +53,7 @@ from torch import Tensor
 from .errors import UsageError
 from .fileio import atomic_path, why_missing
 from .limits import MAX_EPOCHS
+from .yamlio import load_json
 
 FORMAT = "xcent-checkpoint-v1"
 EXPORT_FORMAT = "xcent-export-v1"
@@ -595,7 +596,7 @@ def _load_safetensors(path: Path, device, flag: str) -> tuple[Tensor, dict]:
         log.warning("%s: no checksums (written by an older xcent): integrity not verified", where)
     else:
         try:
-            sums = json.loads(header["checksums"])
+            sums = load_json(header["checksums"])
         except ValueError:
             sums = None
         if not isinstance(sums, dict):

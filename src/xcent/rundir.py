@@ -33,7 +33,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -42,6 +41,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .fileio import foreign_entry, leftover_of
+from .yamlio import load_json
 
 #: settings that shape the trajectory besides the algorithm's own hyper-parameters (``lr``
 #: included, from the registry): resuming with another value needs --allow-changed-settings
@@ -241,7 +241,7 @@ def read_records(path, upto_epoch: int | None = None) -> tuple[list[dict], list[
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = load_json(line)
             if not isinstance(record, dict) or "epoch" not in record:
                 raise ValueError("not a record")
         except ValueError:

@@ -16,6 +16,8 @@ distinct node). A text longer than :data:`MAX_YAML_BYTES`, deeper than PyYAML's
 recursion allows, with a recursive alias, or expanding to more than
 :data:`MAX_YAML_NODES` nodes is refused with one line naming where it came from.
 A configuration has a few dozen keys; the bounds are far above any real one.
+JSON read from files goes through :func:`load_json` (nesting too deep for the parser
+is a ValueError, as any other text that is not JSON).
 
 jsonargparse reads ``--config`` files and typed flag values with the loader of its
 parser's ``parser_mode``; :func:`argument_parser` makes parsers whose mode is
@@ -29,7 +31,7 @@ from pathlib import Path
 from .errors import UsageError
 
 __all__ = ["MAX_YAML_BYTES", "MAX_YAML_NODES", "PARSER_MODE", "YamlLimitError", "argument_parser", "check_yaml",
-           "load_yaml", "read_yaml"]
+           "load_json", "load_yaml", "read_yaml"]
 
 #: the longest YAML text read (a configuration is a few KiB)
 MAX_YAML_BYTES = 1 << 20
@@ -80,6 +82,19 @@ def _expanded_size(root) -> int | None:
             if id(child) not in size:
                 stack.append((child, False))
     return size[id(root)]
+
+
+def load_json(text):
+    """``json.loads(text)`` for text read from a file (a run's JSONL, ``compare.json``, a
+    safetensors header, ...): JSON has no aliases, so its size is that of the text, but
+    a deeply nested text (``[[[[...``) makes the parser raise RecursionError, which no
+    caller expects; it is a ValueError here, like any other text that is not JSON."""
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to be read") from None
 
 
 def check_yaml(text: str, where: str) -> None:

@@ -3,7 +3,6 @@ safetensors): command-line front ends of :mod:`xcent.predict` and :mod:`xcent.mo
 
 from __future__ import annotations
 
-import json
 import struct
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from ..device import ThreadPolicy, parse_threads, resolve_device
 from ..errors import UsageError
 from ..modelio import EXPORT_FORMAT, _names_from_data_dir, export_safetensors, load_model, read_label_names
 from ..predict import DEFAULT_CHUNK_ROWS, DEFAULT_CLASS_CHUNK, Classifier, load_features, write_predictions
+from ..yamlio import load_json
 
 
 def _check_out(out: str, suffixes: tuple[str, ...], flag: str = "--out", ours=None) -> Path:
@@ -50,7 +50,7 @@ def _is_predictions(path: Path) -> bool:
     if first.startswith(b"row,id_1,"):
         return True
     try:
-        record = json.loads(first)
+        record = load_json(first)
     except ValueError:
         return False
     return isinstance(record, dict) and {"row", "ids", "probs"} <= record.keys()
@@ -67,7 +67,7 @@ def _is_export(path: Path) -> bool:
     if length > 100 << 20:
         return False
     try:
-        header = json.loads(_head(path, 8 + length)[8:])
+        header = load_json(_head(path, 8 + length)[8:])
     except ValueError:
         return False
     metadata = header.get("__metadata__") if isinstance(header, dict) else None

@@ -20,6 +20,7 @@ from pathlib import Path
 from .. import losses
 from ..errors import UsageError
 from ..fileio import atomic_path, write_text_atomic
+from ..yamlio import load_json
 
 __all__ = [
     "FAILED_FILE",
@@ -109,8 +110,8 @@ def read_records(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = load_json(line)
+        except ValueError:
             raise UsageError(f"{path}: line {i} is not JSON")
         if not isinstance(record, dict) or "epoch" not in record:
             raise UsageError(f"{path}: line {i} has no 'epoch' key")
@@ -291,8 +292,8 @@ def summarize(plan) -> dict:
         if (run.path / FAILED_FILE).exists():
             entry["status"] = "failed"
             try:
-                entry["error"] = json.loads((run.path / FAILED_FILE).read_text())
-            except (OSError, json.JSONDecodeError):
+                entry["error"] = load_json((run.path / FAILED_FILE).read_text())
+            except (OSError, ValueError):
                 entry["error"] = {"error": "unknown", "message": "unreadable failure record"}
         elif records and records[-1]["epoch"] >= spec.config["epochs"]:
             entry["status"] = "done"
@@ -312,7 +313,7 @@ def summarize(plan) -> dict:
                                                   key=lambda r: json.dumps(r["point"])):
             group = list(group)
             ok = [r for r in group if r["status"] == "done"]
-            points.append({"point": json.loads(point_key), "runs": [r["name"] for r in group],
+            points.append({"point": load_json(point_key), "runs": [r["name"] for r in group],
                            "done": len(ok), "failed": sum(r["status"] == "failed" for r in group),
                            "final_val_loss": mean_std(r["metrics"]["final_val_loss"] for r in ok),
                            "hparams": (ok or group)[0]["hparams"]})
@@ -477,8 +478,8 @@ def runs_in(path: Path) -> list[tuple[Path, str]]:
     summary_file = path / "compare.json"
     if summary_file.exists():  # a compare output: its selected runs
         try:
-            summary = json.loads(summary_file.read_text())
-        except json.JSONDecodeError:
+            summary = load_json(summary_file.read_text())
+        except ValueError:
             raise UsageError(f"{summary_file}: not JSON")
         by_name = {r["name"]: r for r in summary.get("runs", [])}
         found = []

@@ -30,6 +30,7 @@ import torch
 from ..device import resolve_device
 from ..errors import UsageError
 from ..fileio import exclusive_lock, foreign_entry, write_text_atomic
+from ..yamlio import load_json
 from .backbones import ARCHS, build_backbone
 from .batches import ShardBatches
 from .datasets import DatasetOptions, get_dataset
@@ -90,7 +91,7 @@ def check_settings(out_dir: str, settings: dict) -> None:
         return
     try:
         with open(path, encoding="utf-8") as handle:
-            previous = json.load(handle)
+            previous = load_json(handle.read())
     except (OSError, ValueError) as exc:
         raise UsageError(f"--out-dir: cannot read {path}: {exc}") from exc
     for key in SETTINGS_CHECKED_ON_RESUME:
