@@ -20,7 +20,9 @@ backbone's embeddings (``head.init_class_means_``) instead of random rows.
 
 After every epoch it prints the full-softmax cross-entropy over all C classes on a
 held-out validation set (the real objective; what the curves show) and top-1
-accuracy, and at the end draws the curves into a PNG (matplotlib).
+accuracy, and at the end draws the curves into a PNG (matplotlib). A head whose own
+divergence check stops it (``xcent.errors.DivergenceError``) is reported and its curve
+ends at its last epoch.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xcent
+from xcent.errors import DivergenceError
 from xcent.losses import REGISTRY
 
 
@@ -111,12 +114,16 @@ def train(variant: str, data, args) -> list[dict]:
             head.train()
         start = time.perf_counter()
         order = torch.randperm(num_samples, generator=order_gen)
-        for s in range(0, num_samples, args.batch_size):
-            index = order[s:s + args.batch_size]
-            loss = loss_of(backbone(x_train[index]), y_train[index], index)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        try:
+            for s in range(0, num_samples, args.batch_size):
+                index = order[s:s + args.batch_size]
+                loss = loss_of(backbone(x_train[index]), y_train[index], index)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        except DivergenceError as err:  # the head's own check: its rows are no longer usable
+            print(f"{variant:>9}  epoch {epoch:2d}  stopped: {err}")
+            break
         if variant != "dense CE":
             head.eval()
         ce, acc = full_ce(logits_fn, backbone, x_val, y_val)
@@ -181,7 +188,8 @@ def main(argv=None) -> int:
     print("\nvalidation CE (full softmax over all classes) per epoch")
     print("epoch  " + "  ".join(f"{k:>9}" for k in histories))
     for e in range(args.epochs + 1):
-        print(f"{e:5d}  " + "  ".join(f"{h[e]['val_ce']:9.4f}" for h in histories.values()))
+        print(f"{e:5d}  " + "  ".join(f"{h[e]['val_ce']:9.4f}" if e < len(h) else f"{'stopped':>9}"
+                                      for h in histories.values()))
     plot(histories, args.out, math.log(args.classes))
     return 0
 

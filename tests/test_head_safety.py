@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from test_head import ALGOS, HP, dense_reference, spec_step
 
 from xcent.classifier import init_weight
-from xcent.errors import ArgumentError, UsageError
+from xcent.divergence import batch_ce_lower_bound
+from xcent.errors import ArgumentError, DivergenceError, UsageError
 from xcent.head import SparseSoftmaxHead
 from xcent.losses import build
 from xcent.train import lr_at
@@ -311,6 +312,127 @@ def test_a_new_epoch_between_forward_and_backward_redoes_the_step():
     torch.testing.assert_close(a.loss_fn.nu, b.loss_fn.nu, rtol=0, atol=0, equal_nan=True)
 
 
+# --------------------------------------------------------------------------- divergence
+
+
+def _blobs(C=50, Dim=8, N=400, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(C, Dim, generator=gen) * 2
+    y = torch.randint(0, C, (N,), generator=gen)
+    return centers[y] + torch.randn(N, Dim, generator=gen), y
+
+
+def _train(head, x_all, y_all, epochs, B=32, nan_at=None, seed=0):
+    """Epochs of shuffled batches; ``nan_at``: the 1-based step whose embeddings get a NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(1, epochs + 1):
+        head.set_epoch(epoch)
+        for idx in torch.randperm(len(y_all), generator=gen).split(B):
+            step += 1
+            x = x_all[idx].clone()
+            if step == nan_at:
+                x[3, 1] = math.nan
+            head(x.requires_grad_(True), y_all[idx], idx).backward()
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 100])
+def test_nan_embeddings_stop_the_head_naming_their_step(check_every):
+    """A NaN in one embedding used to turn the batch's rows and duals NaN silently. The
+    step's health (finite surrogate and rows, from the device) is read every
+    ``check_every`` steps, at ``set_epoch`` and before saving; the error names the step
+    whichever the interval. Then the head refuses to train or be saved until a good
+    state is loaded."""
+    x_all, y_all = _blobs()
+    head = SparseSoftmaxHead(50, 8, 400, algorithm="sox", lr=0.5, epochs=2, check_every=check_every)
+    good = None
+    head.set_epoch(1)
+    gen = torch.Generator().manual_seed(0)
+    batches = list(torch.randperm(400, generator=gen).split(32))
+    with pytest.raises(DivergenceError) as raised:
+        for step, idx in enumerate(batches, 1):
+            if step == 4:
+                good = snapshot(head)
+            x = x_all[idx].clone()
+            if step == 5:
+                x[3, 1] = math.nan
+            head(x, y_all[idx], idx).backward()
+        head.set_epoch(2)  # check_every=100: the epoch's end reads the 8 unread steps
+    message = str(raised.value)
+    assert message.startswith("SparseSoftmaxHead diverged at step 5 (epoch 1, sox, lr 0.5): "
+                              "non-finite in-batch logits (NaN or inf in the embeddings or the rows)"), message
+    assert head.steps == (5 if check_every == 1 else 6 if check_every == 3 else 13)
+    assert issubclass(DivergenceError, UsageError.__mro__[1])  # a library error (XcentError)
+    with pytest.raises(DivergenceError, match="diverged at step 5"):
+        head(x_all[:8], y_all[:8], torch.arange(8))
+    with pytest.raises(DivergenceError, match="diverged at step 5"):
+        head.state_dict()
+    assert head.logits(x_all[:3]).shape == (3, 50)  # inspection still works
+    head.load_state_dict(good)
+    head(x_all[:8].clone().requires_grad_(True), y_all[:8], torch.arange(8)).backward()
+    assert torch.isfinite(head.weight).all()
+
+
+def test_saving_reads_the_unchecked_steps_first():
+    """state_dict() never saves a head whose unread steps went non-finite (one read of
+    this process's recorded values, no collective)."""
+    x_all, y_all = _blobs()
+    head = SparseSoftmaxHead(50, 8, 400, algorithm="scent", epochs=1, check_every=100)
+    head.set_epoch(1)
+    head(x_all[:32], y_all[:32], torch.arange(32)).backward()
+    head.state_dict()  # healthy: saves
+    x = x_all[32:64].clone()
+    x[0, 0] = math.inf
+    head(x.requires_grad_(True), y_all[32:64], torch.arange(32, 64)).backward()  # no read: not yet known
+    with pytest.raises(DivergenceError, match="diverged at step 2 .epoch 1, scent, lr 5.: non-finite"):
+        head.state_dict()
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_finite_blow_up_stops_the_head(name):
+    """An lr far too large blows the rows up while every number stays finite (it went
+    on silently). The head applies the trainer's rule to a lower bound of the batch's
+    full-softmax CE (each row's CE against its strongest in-batch rival): above
+    10 x max(log C, 1) the head stops, naming the step and the lr; the rows are finite
+    then, so it is this rule and not the non-finite check that stopped it."""
+    x_all, y_all = _blobs()
+    head = SparseSoftmaxHead(50, 8, 400, algorithm=name, lr=1e4, epochs=2, check_every=4)
+    with pytest.raises(DivergenceError) as raised:
+        _train(head, x_all, y_all, epochs=2)
+    message = str(raised.value)
+    prefix = f"SparseSoftmaxHead diverged at step 2 (epoch 1, {name}, lr 1e+04): the batch's CE is at least "
+    assert message.startswith(prefix), message
+    assert "> 39.1 (10 x max(log C, 1), log C = 3.91); lower the head's lr" in message
+    assert torch.isfinite(head.weight).all()
+    assert float(message[len(prefix):].split(" ")[0]) > 39.1
+
+
+@pytest.mark.parametrize("start", ["random", "class-means"])
+def test_healthy_heads_stay_far_below_the_rule(start, monkeypatch):
+    """Every algorithm at its default lr, from a random start and from the class means,
+    checked every step: no divergence, and the largest batch CE bound of any step
+    stays below log C (a tenth of the bound)."""
+    import xcent.head as head_module
+
+    seen = []
+
+    def recorded(logits):
+        value = batch_ce_lower_bound(logits)
+        seen.append(float(value))
+        return value
+
+    monkeypatch.setattr(head_module, "batch_ce_lower_bound", recorded)
+    x_all, y_all = _blobs()
+    x_all = torch.nn.functional.normalize(x_all, dim=1)  # unit-length embeddings, as a face or CLIP model's
+    for name in ALGOS:
+        head = SparseSoftmaxHead(50, 8, 400, algorithm=name, epochs=3, check_every=1)
+        if start == "class-means":
+            head.init_class_means_([(x_all, y_all)])
+        _train(head, x_all, y_all, epochs=3)
+    assert len(seen) == 6 * 3 * 13
+    assert max(seen) < math.log(50), max(seen)
+
+
 # --------------------------------------------------------------------------- two processes
 
 
@@ -350,6 +472,7 @@ def _misuse_worker(rank, world, init_file, out_dir):
         head(x.requires_grad_(), y, idx).backward()  # both ranks still in step
         out["after"] = head.weight.clone()
         out["accumulation"] = _accumulate(rank, dist.group.WORLD)
+        out["nan"] = _nan_on_rank_1(rank, dist.group.WORLD)
     finally:
         torch.save(out, os.path.join(out_dir, f"misuse{rank}.pt"))
         dist.destroy_process_group()
@@ -373,11 +496,30 @@ def _accumulate(rank, group):
     return {"weight": head.weight.clone(), "nu": head.loss_fn.nu.clone(), "grads": [x.grad for x in xs]}
 
 
+def _nan_on_rank_1(rank, group):
+    """Checked every 2 steps, rank 1's embeddings of step 3 hold a NaN: both ranks stop
+    at step 4's check naming step 3. Returns (message, steps taken)."""
+    head = SparseSoftmaxHead(45, 6, 40, algorithm="scent", epochs=1, process_group=group, check_every=2)
+    head.set_epoch(1)
+    gen = torch.Generator().manual_seed(5)
+    try:
+        for step in range(1, 6):
+            x = torch.randn(4, 6, generator=gen)
+            y, idx = torch.randint(0, 45, (4,), generator=gen), torch.arange(4) + 4 * rank
+            if step == 3 and rank == 1:
+                x[2, 0] = math.nan
+            head(x.requires_grad_(True), y, idx).backward()
+    except DivergenceError as e:
+        return str(e), head.steps
+    return None, head.steps
+
+
 def test_two_processes_refuse_a_bad_batch_together(tmp_path):
     """Class-sharded, one rank's bad batch makes every rank raise (the bad rank says what,
     the other names it) instead of leaving it waiting in a collective; nothing changes,
-    and the next good step runs on both. Then gradient accumulation over two processes
-    equals the spec's sequential steps in float64."""
+    and the next good step runs on both. A NaN in one rank's embeddings stops both at
+    the same check, naming the step. Gradient accumulation over two processes equals
+    the spec's sequential steps in float64."""
     mp.spawn(_misuse_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"misuse{r}.pt", weights_only=False) for r in range(2)]
     label_error = r"labels must be class ids in [0, 45), got 1 outside it, e.g. 45 at position 2 of rank 1's batch"
@@ -389,6 +531,11 @@ def test_two_processes_refuse_a_bad_batch_together(tmp_path):
     assert ranks[1]["errors"][2] == "rank 0 passed a bad batch (its error says what)"
     assert ranks[0]["unchanged"] and ranks[1]["unchanged"]
     assert ranks[0]["after"].shape == (23, 6) and ranks[1]["after"].shape == (22, 6)
+    # a NaN in one rank's embeddings: every rank stops at the same check, naming the step
+    for r in range(2):
+        message, steps = ranks[r]["nan"]
+        assert steps == 4 and message.startswith("SparseSoftmaxHead diverged at step 3 (epoch 1, scent, lr 5): "
+                                                 "non-finite in-batch logits"), (r, message)
     # gradient accumulation, class-sharded: the spec's sequential steps in backward order
     W0 = init_weight(45, 6, 3, dtype=torch.float64).numpy()
     W, nu, nu_set = W0, np.full(40, np.nan), np.zeros(40, dtype=bool)

@@ -291,6 +291,31 @@ def test_head_step_reads_nothing_given_host_ids(name):
     assert tracer.implicit == [], tracer.implicit
 
 
+@pytest.mark.parametrize("name", ["softplus", "scent"])
+def test_head_reads_the_device_once_per_check(name):
+    """The head's health check: no read on ordinary steps, one every ``check_every``
+    steps (the health and batch CE bound of those steps together), and one at
+    ``set_epoch`` for the steps not yet read."""
+    from xcent import SparseSoftmaxHead
+
+    head = SparseSoftmaxHead(40, 8, 60, algorithm=name, epochs=2, momentum=0.9, weight_decay=0.01, check_every=3)
+    head.set_epoch(1)
+    backbone = torch.nn.Linear(8, 8)
+    tracer = SyncTracer()
+    tracer.mark(head.weight, head.loss_fn.nu, head.loss_fn.nu_set, head.momentum_buffer, head._monitor.values,
+                head._batch_ce, *backbone.parameters())
+    reads = []
+    with tracer:
+        for x, y, idx in _batches(7):
+            before = sync.read_count()
+            head(backbone(x), y, idx).backward()
+            reads.append(sync.read_count() - before)
+        before = sync.read_count()
+        head.set_epoch(2)
+        reads.append(sync.read_count() - before)
+    assert reads == [0, 0, 1, 0, 0, 1, 0, 1] and tracer.implicit == [], (reads, tracer.implicit)
+
+
 def _sharded_worker(rank, world, store_path, out_dir):
     import torch.distributed as dist
 
@@ -358,6 +383,32 @@ def test_no_sync_between_checks_on_cuda(device, name):
                 assert monitor.check()[0] is None
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("name", ["scent", "softplus"])
+def test_head_no_sync_between_checks_on_cuda(device, name):
+    """SparseSoftmaxHead on CUDA, labels and index on the host: forward + backward make
+    no synchronisation except on the steps whose health check is due."""
+    if device.type != "cuda":
+        pytest.skip("CUDA only (the CPU twin is test_head_reads_the_device_once_per_check)")
+    from xcent import SparseSoftmaxHead
+
+    head = SparseSoftmaxHead(40, 8, 60, algorithm=name, epochs=2, momentum=0.9, weight_decay=0.01, device=device,
+                             check_every=3)
+    head.set_epoch(1)
+    backbone = torch.nn.Linear(8, 8).to(device)
+    batches = [(x.to(device), y, idx) for x, y, idx in _batches(8)]
+    head(backbone(batches[0][0]), *batches[0][1:]).backward()  # warm-up (step 1)
+    torch.cuda.synchronize()
+    try:
+        for step, (x, y, idx) in enumerate(batches[1:], 2):
+            due = step % 3 == 0
+            torch.cuda.set_sync_debug_mode(0 if due else "error")
+            head(backbone(x), y, idx).backward()
+            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert head.steps == 8 and torch.isfinite(head.weight).all()
 
 
 def test_trainer_check_interval_changes_nothing(tmp_path, capsys):

@@ -47,11 +47,23 @@ all-gather. The duals are replicated. With a DDP backbone, note that DDP average
 ranks' parameter gradients, i.e. the backbone receives ``1/P`` times the gradient of
 the global-batch surrogate (as with Partial FC); scale its lr accordingly.
 
+Divergence: each step's health is kept on the device, as the trainer's
+(:func:`xcent.step.step_health`: a finite surrogate and finite new rows, no
+saturated exponent) together with the trainer's divergence rule applied to the
+batch (:func:`xcent.divergence.batch_ce_lower_bound`, a lower bound of the batch's
+full-softmax cross-entropy, above ``10 x max(log C, 1)``), and read every
+``check_every`` steps (:class:`xcent.step.StepMonitor`), at :meth:`set_epoch` and
+before saving. A bad step raises :class:`xcent.errors.DivergenceError` naming the
+step, the epoch and the lr; the head then refuses to train or be saved until a state
+is loaded.
+
 Host reads: the step needs the batch's labels and row ids on the host (the distinct
 labels, which duals are set: see :mod:`xcent.sync`). Labels and index passed on the
 CPU cost nothing; on the device they are read once per forward (one sync on CUDA; under
-a process group, once after they are all-gathered). Nothing else in forward and
-backward reads the device.
+a process group, once after they are all-gathered). The health check reads one value
+per step every ``check_every`` steps, all at once (one sync; under a process group
+after one all-reduce), and at :meth:`set_epoch` and saving when steps are unread.
+Nothing else in forward and backward reads the device.
 """
 
 from __future__ import annotations
@@ -68,12 +80,13 @@ from torch import Tensor, nn
 
 from .classifier import InBatch, init_weight, row_gradient_weights_, scan_classes
 from .distributed import all_gather_rows, class_range
-from .errors import ArgumentError, UsageError
+from .divergence import DIVERGENCE_FACTOR, batch_ce_lower_bound, divergence_bound
+from .errors import ArgumentError, DivergenceError, UsageError
 from .init import MAX_PROBE_ROWS, InitResult, probe_rows, scale_class_means_
 from .losses import ALGORITHMS, build, get, resolve_hparams
 from .modelio import check_finite
 from .predict import TopK
-from .step import LazySGD, effective_group, sharded_in_batch
+from .step import LazySGD, StepMonitor, effective_group, sharded_in_batch, step_health
 from .sync import to_host
 from .train import lr_at
 
@@ -95,6 +108,8 @@ class _Pending:
     row_offset: int  # first row of this rank's embeddings in the gathered batch
     num_local: int
     version: int  # the head's state version the forward saw (SparseSoftmaxHead._version)
+    value: Tensor | None = None  # the algorithm's surrogate and overflow flag at the forward
+    overflow: Tensor | None = None
     applied: bool = False
 
 
@@ -131,6 +146,9 @@ class SparseSoftmaxHead(nn.Module):
     their dtype. ``process_group``: class-sharded over its ranks (None: one process).
     ``hparams``: ``gamma``, ``rho``, ``delta`` as in :func:`xcent.losses.build`;
     ``init_seed``: the weight's N(0, 0.01^2) initialisation (:func:`xcent.classifier.init_weight`).
+    ``check_every``: the steps between two reads of the steps' health (one host read
+    each, a sync on CUDA; see the module docstring): a divergence is reported naming
+    its exact step whatever the interval, only up to ``check_every - 1`` steps later.
 
     Bad arguments (here, to :meth:`forward`, :meth:`set_epoch`, :meth:`topk`,
     :meth:`init_class_means_`) raise :class:`xcent.errors.ArgumentError`, a ValueError
@@ -148,11 +166,11 @@ class SparseSoftmaxHead(nn.Module):
     def __init__(self, num_classes: int, dim: int, num_samples: int, algorithm: str = "scent",
                  lr: float | None = None, epochs: int = 1, momentum: float = 0.0, weight_decay: float = 0.0,
                  dtype: torch.dtype = torch.float32, device=None, process_group=None, init_seed: int = 0,
-                 **hparams):
+                 check_every: int = 100, **hparams):
         super().__init__()
         num_classes, dim = _integer("num_classes", num_classes, 2), _integer("dim", dim, 1)
         num_samples, epochs = _integer("num_samples", num_samples, 1), _integer("epochs", epochs, 1)
-        init_seed = _integer("init_seed", init_seed)
+        init_seed, check_every = _integer("init_seed", init_seed), _integer("check_every", check_every, 1)
         if not isinstance(algorithm, str):
             raise ArgumentError(f"algorithm must be a name (one of {', '.join(ALGORITHMS)}), got {algorithm!r}")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -187,6 +205,13 @@ class SparseSoftmaxHead(nn.Module):
         self._version = 0
         # the schedule-dependent algorithms (sox, asgd, softplus, umax) read the epoch
         self._needs_epoch = bool(self.loss_fn.scheduled)
+        #: steps taken (skipped batches not counted; saved in the state): the step a divergence names
+        self.steps = 0
+        # each step's health (xcent.step.step_health) and batch CE bound, read every check_every steps
+        self.check_every = check_every
+        self._monitor = StepMonitor(check_every, self.weight.device, self.process_group)
+        self._batch_ce = torch.zeros(check_every, dtype=torch.float64, device=self.weight.device)
+        self._diverged: str | None = None  # the divergence message, once a check failed
 
     # ------------------------------------------------------------------ schedule
 
@@ -201,6 +226,7 @@ class SparseSoftmaxHead(nn.Module):
         ``epoch``: an integer in ``[1, epochs]`` (ArgumentError otherwise: 1.7 is not
         an epoch)."""
         epoch = _integer("epoch", epoch, 1, self.epochs)
+        self.check()  # every step of the epoch healthy before the next one starts
         self.flush()
         self.epoch = epoch
         self._version += 1  # the lr and dual schedule: a forward's step pending across it is redone
@@ -212,6 +238,43 @@ class SparseSoftmaxHead(nn.Module):
         done by :meth:`set_epoch`, :meth:`eval`, :meth:`logits`, :meth:`topk` and saving."""
         self.optimizer.flush(self.weight)
 
+    # ------------------------------------------------------------------ health
+
+    def check(self) -> None:
+        """Read the health of the steps taken since the last check now and raise
+        :class:`xcent.errors.DivergenceError` naming the first bad one. Done every
+        ``check_every`` steps and by :meth:`set_epoch`; one host read (none when no step
+        is unread). Class-sharded: a collective (one all-reduce of the recorded
+        values), called by every rank at the same point."""
+        n = len(self._monitor)
+        bad, ce = self._monitor.check(self._batch_ce[:n] if n else None)
+        if bad is not None:
+            self._diverge(bad, ce)
+
+    def _record(self, health: Tensor, batch_ce: Tensor) -> None:
+        """Keep one step's health and batch CE bound on the device (no read); check when due."""
+        self.steps += 1
+        slot = len(self._monitor)
+        self._batch_ce[slot].copy_(batch_ce)
+        self._monitor.record(health, (self.steps, self.epoch, self.lr, slot))
+        if self._monitor.due:
+            self.check()
+
+    def _diverge(self, label: tuple, batch_ce: list) -> None:
+        step, epoch, lr, slot = label
+        ce, bound = batch_ce[slot], divergence_bound(self.num_classes)
+        if math.isfinite(ce) and ce > bound:
+            why = (f"the batch's CE is at least {ce:.3g} > {bound:.3g} ({DIVERGENCE_FACTOR:g} x max(log C, 1), "
+                   f"log C = {math.log(self.num_classes):.3g})")
+        elif not math.isfinite(ce):
+            why = "non-finite in-batch logits (NaN or inf in the embeddings or the rows)"
+        else:
+            why = "non-finite surrogate or rows, or an exponent out of the dtype's range"
+        self._diverged = (f"SparseSoftmaxHead diverged at step {step} (epoch {epoch}, {self.algorithm}, lr {lr:.4g}): "
+                          f"{why}; lower the head's lr or check the embeddings. Its rows and duals are no longer "
+                          "usable: load a saved state_dict (or init_class_means_) to go on")
+        raise DivergenceError(self._diverged)
+
     def train(self, mode: bool = True):
         if not mode:
             self.flush()
@@ -222,16 +285,26 @@ class SparseSoftmaxHead(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         self.optimizer.buf = self._buffers.get("momentum_buffer")
         self.optimizer.to(self.weight.device)
+        self._monitor.values = self._monitor.values.to(self.weight.device)  # float64 whatever the head's dtype
+        self._batch_ce = self._batch_ce.to(self.weight.device)
         return out
 
     # ------------------------------------------------------------------ state
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # a diverged head is never saved: the steps not yet checked are read first (this
+        # rank's values, no collective: one host read when steps are unread)
+        n = len(self._monitor)
+        bad, ce = self._monitor.peek(self._batch_ce[:n] if n else None)
+        if bad is not None:  # kept recorded: the next collective check finds it on every rank
+            self._diverge(bad, ce)
+        if self._diverged is not None:
+            raise DivergenceError(self._diverged)
         self.flush()  # every row current: the saved state needs no per-row step counters
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def get_extra_state(self) -> Any:
-        return {"epoch": self.epoch, "skipped_steps": self.skipped_steps, **self._identity()}
+        return {"epoch": self.epoch, "skipped_steps": self.skipped_steps, "steps": self.steps, **self._identity()}
 
     def _identity(self) -> dict:
         """What a saved state must agree on to be loaded here: the algorithm and its
@@ -282,7 +355,10 @@ class SparseSoftmaxHead(nn.Module):
         # the loaded rows were saved current (saving flushes): no catch-up is owed
         self.optimizer.mark_current()
         self._version += 1
+        self._monitor.clear()  # the unread steps' rows are gone, and so is a divergence
+        self._diverged = None
         self.epoch, self.skipped_steps = state["epoch"], int(state["skipped_steps"])
+        self.steps = int(state.get("steps", 0))
         if self.epoch is not None:
             self.loss_fn.set_epoch(self.epoch, self.epochs)
 
@@ -344,6 +420,8 @@ class SparseSoftmaxHead(nn.Module):
             self.optimizer.buf.zero_()
         self.optimizer.mark_current()  # the old rows' pending catch-up belongs to a weight that is gone
         self._version += 1
+        self._monitor.clear()
+        self._diverged = None
         self.loss_fn.nu.fill_(float("nan"))
         self.loss_fn.nu_set.zero_()
         return scale_class_means_(weight, counts, torch.cat(probe_x), torch.cat(probe_y), self.lo,
@@ -484,6 +562,8 @@ class SparseSoftmaxHead(nn.Module):
         if self._needs_epoch and self.epoch is None:
             raise RuntimeError(f"SparseSoftmaxHead: {self.algorithm}'s dual schedule follows the epoch; "
                                "call head.set_epoch(epoch) before the first step")
+        if self._diverged is not None and self.training and torch.is_grad_enabled():
+            raise DivergenceError(self._diverged)
         with torch.autocast(embeddings.device.type if torch.is_tensor(embeddings) else "cpu", enabled=False):
             pending, value = self._prepare(embeddings, labels, index, problem)
         if not (self.training and torch.is_grad_enabled()):
@@ -518,8 +598,11 @@ class SparseSoftmaxHead(nn.Module):
         batch ('' when nothing); ``sizes``: each rank's rows, to name the rank."""
         for name, ids, high, what in (("labels", labels, self.num_classes, "class ids"),
                                       ("index", index, self.num_samples, "row ids")):
-            bad = (ids < 0) | (ids >= high)
-            if bool(bad.any()):
+            if not ids.numel():
+                continue
+            low_id, high_id = torch.aminmax(ids)  # one pass; the details only on failure
+            if int(low_id) < 0 or int(high_id) >= high:
+                bad = (ids < 0) | (ids >= high)
                 first = int(bad.to(torch.uint8).argmax())
                 where = f"{int(bad.sum())} outside it, e.g. {int(ids[first])}"
                 if len(sizes) > 1:
@@ -584,7 +667,8 @@ class SparseSoftmaxHead(nn.Module):
         # undo the dual writes: they belong to the backward (a forward changes nothing);
         # a repeated index has one old value, so the restore is exact
         loss_fn.write_duals(index, nu_old, set_old)
-        return _Pending(batch, M, labels, index, nu_new, offset, num_local, self._version), value
+        return _Pending(batch, M, labels, index, nu_new, offset, num_local, self._version, value,
+                        loss_fn.overflow), value
 
     def _score(self, x: Tensor, labels: Tensor, index: Tensor) -> tuple[InBatch, Tensor | None]:
         """The batch scored against the head's rows as they are now, and the algorithm's
@@ -666,12 +750,15 @@ def _take_step(head: SparseSoftmaxHead, pending: _Pending) -> Tensor:
             dist.all_reduce(dx, group=head.process_group)
             dx = dx[pending.row_offset:pending.row_offset + pending.num_local]
         stale = pending.version != head._version  # the same on every rank: they take the same steps
+        outcome = pending  # the surrogate and overflow flag of the scoring the step follows
         if stale:  # the step at the head as it is now (duals written by _score)
             batch, M = head._score(batch.features, pending.labels, pending.index)
-            M = M[:, batch.owned]
-        head.optimizer.step(head.weight, batch.local_rows, batch.class_weight, M, batch.features, head.lr,
-                            rows_host=batch.host_rows)
+            M, outcome = M[:, batch.owned], head.loss_fn
+        new_rows = head.optimizer.step(head.weight, batch.local_rows, batch.class_weight, M, batch.features,
+                                       head.lr, rows_host=batch.host_rows)
         if not stale and pending.nu_new is not None:
             head.loss_fn.write_duals(pending.index, pending.nu_new, True)
         head._version += 1
+        ce = batch_ce_lower_bound(batch.logits)  # the divergence rule (xcent.divergence)
+        head._record(step_health(outcome, new_rows, ce, head.num_classes), ce)
     return dx

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .classifier import InBatch, in_batch_logits, matmul_nt, relative_logits_, row_gradient_weights_, sparse_sgd_step
+from .divergence import divergence_bound
 from .errors import ArgumentError
 from .sync import host_read, to_device, to_host
 
@@ -158,16 +159,27 @@ def train_step(weight: Tensor, loss_fn: nn.Module, features: Tensor, labels: Ten
     return StepResult(False, loss_fn.value, finite, batch.num_distinct, health)
 
 
-def step_health(loss_fn: nn.Module, new_rows: Tensor) -> Tensor:
+def step_health(loss_fn: nn.Module, new_rows: Tensor, batch_ce: Tensor | None = None,
+                num_classes: int | None = None) -> Tensor:
     """A 0-dim float64 device value, finite exactly when the step's surrogate and new
     rows are finite and the algorithm's exact arithmetic stayed in range
     (``loss_fn.overflow``): ``sum(new_rows) + surrogate``, NaN on overflow. No sync.
+    ``loss_fn``: the algorithm after the step, or anything holding the step's
+    ``value`` and ``overflow``.
+
+    Given ``batch_ce`` (:func:`xcent.divergence.batch_ce_lower_bound` of the step's
+    logits) and ``num_classes``, also NaN when the batch breaks the divergence rule:
+    a lower bound of its full-softmax CE above
+    :func:`xcent.divergence.divergence_bound` (a finite blow-up, see
+    :mod:`xcent.divergence`).
 
     One pass: a float64 sum of float32 rows cannot overflow, so it is finite exactly
     when every entry is (inf and NaN propagate; inf - inf is NaN). (float64 weights:
     only with entries beyond ~1e304, far past divergence.) A sum of such values over
     ranks is finite exactly when each one is."""
     health = new_rows.sum(dtype=torch.float64).add_(loss_fn.value)
+    if batch_ce is not None:
+        health.masked_fill_(batch_ce > divergence_bound(num_classes), math.nan)
     return health if loss_fn.overflow is None else health.masked_fill_(loss_fn.overflow, math.nan)
 
 
@@ -227,11 +239,27 @@ class StepMonitor:
             dist.all_reduce(recorded, group=self.group)
         if extra is None and not n:
             return None, []
+        bad, values = self._read(recorded, extra)
+        self.labels.clear()
+        return bad, values
+
+    def _read(self, recorded: Tensor, extra: Tensor | None):
+        """One host read of ``recorded`` and ``extra``: (first unhealthy label, extra's values)."""
+        n = recorded.shape[0]
         both = recorded if extra is None else torch.cat([recorded, extra.to(torch.float64).reshape(-1)])
         values = host_read(both)
-        bad = next((label for label, v in zip(self.labels, values) if not math.isfinite(v)), None)
+        return next((label for label, v in zip(self.labels, values) if not math.isfinite(v)), None), values[n:]
+
+    def peek(self, extra: Tensor | None = None):
+        """:meth:`check` of this process's own recorded values, keeping the record (no
+        collective: any one rank may call it): one host read, none when nothing is
+        recorded. A non-finite value here is non-finite in :meth:`check` too."""
+        n = len(self.labels)
+        return self._read(self.values[:n], extra) if n else (None, [])
+
+    def clear(self) -> None:
+        """Forget the recorded steps unread (the state they describe was replaced)."""
         self.labels.clear()
-        return bad, values[n:]
 
 
 class LazySGD:
