@@ -47,6 +47,37 @@ def gamma(n: int, dtype: torch.dtype = torch.float32) -> float:
     return n * u / (1 - n * u)
 
 
+def sgd_drift(steps: int, additions: int, momentum: float = 0.0) -> float:
+    """How far apart, relative to the size of the weights, two float32 trainings of the
+    same steps may drift when they sum in other orders (one process or two, a sparse
+    step or a dense ``nn.Linear``): each step's update sums ``additions`` terms (the
+    batch's rows, and the D products of the scores feeding them), so it is within
+    ``gamma_additions`` of its magnitudes, ``2 gamma`` between the two orders; to first
+    order the steps' errors add, and momentum ``m`` carries each into the following
+    steps with weights summing to ``1 / (1 - m)``. A worst case: real runs differ by
+    ~1e-7 relative, a real fault (a step lost, a row missed) by ~lr * gradient."""
+    return 2 * steps * gamma(additions) / (1 - momentum)
+
+
+def mean_ce_tol(features, weight: torch.Tensor, scale_rel: float = 0.0) -> float:
+    """How far two float32 evaluations of the mean full-softmax CE of ``weight`` on
+    ``features`` may be apart when their GEMMs sum in other orders (another chunking,
+    thread count or process count). Each score is within ``gamma_D |x| |w|`` of exact,
+    the log-sum-exp adds ``gamma_{C + 4}`` of its size (at most ``|x| |w| + log C``), and
+    a CE (lse - target) is 2-Lipschitz in the scores; a mean keeps the per-row bound.
+    ``scale_rel``: the weights may differ by that much relative (a class-mean start whose
+    scale was searched on rounded logits: a CE moves by at most 2 scale_rel |x| |w|)."""
+    import math
+
+    import numpy as np
+
+    x = torch.from_numpy(np.array(features, dtype=np.float64))
+    w = weight.detach().to(torch.float64)
+    xw = float(x.norm(dim=1).max()) * float(w.norm(dim=1).max())
+    one = 2 * gamma(x.shape[1]) * xw + gamma(w.shape[0] + 4) * (xw + math.log(w.shape[0]))
+    return 2 * one + 2 * scale_rel * xw
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import read_jsonl
+from conftest import gamma, mean_ce_tol, read_jsonl
 
 from xcent import cli
 from xcent import train as train_mod
@@ -145,14 +145,20 @@ def test_running_train_loss_is_the_seed_mean_full_ce(tiny_data, tmp_path):
     for init, weight in starts.items():
         last = train(config(tiny_data, tmp_path, init, "--epochs", 1, "--lr", 1e-12, "--train-loss", "running",
                             "--batch-size", 50, "--init", init), echo=lambda *_: None)
-        assert last["train_loss"] == pytest.approx(evaluate(data.train, weight)["loss"], rel=1e-5)
+        # batches of 50 rows against chunks of 4096: GEMMs of other shapes; the class-mean
+        # scale may land 8 gamma_D apart (test_init's measure of the search's sensitivity)
+        tol = mean_ce_tol(data.train.features, weight, scale_rel=8 * gamma(data.feature_dim))
+        assert last["train_loss"] == pytest.approx(evaluate(data.train, weight)["loss"], rel=0, abs=tol)
 
 
 def test_subset_train_loss_all_rows(tiny_data, tmp_path):
     last = train(config(tiny_data, tmp_path, "sub", "--epochs", 1, "--train-eval-size", 0), echo=lambda *_: None)
     ckpt = load_ckpt(tmp_path / "sub" / "checkpoints" / "epoch_1.pt")
-    expected = evaluate(load_dataset(tiny_data).train, ckpt["weight"])
-    assert last["train_loss"] == pytest.approx(expected["loss"], rel=1e-9)
+    train_split = load_dataset(tiny_data).train
+    expected = evaluate(train_split, ckpt["weight"])
+    # the same evaluation, perhaps at another thread count (the trainer's thread policy)
+    assert last["train_loss"] == pytest.approx(expected["loss"], rel=0, abs=mean_ce_tol(train_split.features,
+                                                                                      ckpt["weight"]))
 
 
 def test_single_label_batches_are_skipped_and_counted(tmp_path):
